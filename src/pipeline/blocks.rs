@@ -1,0 +1,328 @@
+//! diffusers' building blocks, with diffusers' weight names: `ResnetBlock2D`, `Downsample2D`,
+//! `Upsample2D`, `Attention`, GEGLU `FeedForward`, `BasicTransformerBlock` and `Transformer2DModel`
+//! (linear-projection form). The UNet (`unet.rs`) and the VAE decoder (`vae.rs`) are assembled from
+//! these. Defaults match `diffusers/models/{resnet,attention,attention_processor}.py`; the numbers that
+//! differ between callers (groups, eps) are parameters.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use super::attention::attention;
+
+/// A 2-D convolution. candle's CPU backend has no bf16 convolution kernel, so on CPU in bf16 the
+/// weights are kept in f32 and inputs are widened for the convolution and narrowed after it (bf16
+/// activations, f32 convolution arithmetic, as GPU kernels accumulate).
+pub(crate) struct Conv {
+    inner: Conv2d,
+    widen: bool,
+}
+
+impl Conv {
+    fn load(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        cfg: Conv2dConfig,
+    ) -> Result<Self> {
+        let widen = vb.device().is_cpu() && vb.dtype() == DType::BF16;
+        let vb = if widen { vb.set_dtype(DType::F32) } else { vb };
+        Ok(Self {
+            inner: candle_nn::conv2d(c_in, c_out, k, cfg, vb)?,
+            widen,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.widen {
+            let dtype = x.dtype();
+            self.inner
+                .forward(&x.to_dtype(DType::F32)?)?
+                .to_dtype(dtype)
+        } else {
+            self.inner.forward(x)
+        }
+    }
+}
+
+pub(crate) fn conv3x3(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> Result<Conv> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    Conv::load(vb, c_in, c_out, 3, cfg)
+}
+
+pub(crate) fn conv1x1(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Conv> {
+    Conv::load(vb, c_in, c_out, 1, Conv2dConfig::default())
+}
+
+/// `ResnetBlock2D` (time_embedding_norm "default", non-linearity SiLU).
+pub(crate) struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv,
+    /// 1×1 conv when the channel count changes (diffusers `use_in_shortcut`).
+    conv_shortcut: Option<Conv>,
+    output_scale_factor: f64,
+}
+
+pub(crate) struct ResnetParams {
+    pub c_in: usize,
+    pub c_out: usize,
+    /// Width of the (already SiLU-activated) time embedding; `None` in the VAE.
+    pub temb: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub(crate) fn load(vb: VarBuilder, p: &ResnetParams) -> Result<Self> {
+        let conv_shortcut = if p.c_in != p.c_out {
+            Some(conv1x1(vb.pp("conv_shortcut"), p.c_in, p.c_out)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: candle_nn::group_norm(p.groups, p.c_in, p.eps, vb.pp("norm1"))?,
+            conv1: conv3x3(vb.pp("conv1"), p.c_in, p.c_out, 1)?,
+            time_emb_proj: p
+                .temb
+                .map(|t| candle_nn::linear(t, p.c_out, vb.pp("time_emb_proj")))
+                .transpose()?,
+            norm2: candle_nn::group_norm(p.groups, p.c_out, p.eps, vb.pp("norm2"))?,
+            conv2: conv3x3(vb.pp("conv2"), p.c_out, p.c_out, 1)?,
+            conv_shortcut,
+            output_scale_factor: p.output_scale_factor,
+        })
+    }
+
+    /// `temb_act` is `silu(emb)`, computed once per UNet call rather than once per resnet.
+    pub(crate) fn forward(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = match (&self.time_emb_proj, temb_act) {
+            (Some(proj), Some(t)) => {
+                h.broadcast_add(&proj.forward(t)?.unsqueeze(2)?.unsqueeze(3)?)?
+            }
+            _ => h,
+        };
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// `Downsample2D(use_conv=True, padding=1)`: 3×3 stride-2 conv, key `downsamplers.0.conv`.
+pub(crate) struct Downsample2D {
+    conv: Conv,
+}
+
+impl Downsample2D {
+    pub(crate) fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv3x3(vb.pp("conv"), channels, channels, 2)?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.conv.forward(x)
+    }
+}
+
+/// `Upsample2D(use_conv=True)`: nearest-neighbour resize then 3×3 conv, key `upsamplers.0.conv`.
+pub(crate) struct Upsample2D {
+    conv: Conv,
+}
+
+impl Upsample2D {
+    pub(crate) fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv3x3(vb.pp("conv"), channels, channels, 1)?,
+        })
+    }
+
+    /// `size` is the skip connection's `(h, w)` when the latent is not a multiple of the total
+    /// up-sampling factor (diffusers `forward_upsample_size`); otherwise ×2.
+    pub(crate) fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}
+
+/// diffusers `Attention` with the default processor: q/k/v projections, SDPA, output projection.
+pub(crate) struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    /// `kv_dim` is the context width for cross-attention (`cross_attention_dim`), else `query_dim`.
+    pub(crate) fn load(
+        vb: VarBuilder,
+        query_dim: usize,
+        kv_dim: usize,
+        heads: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let proj = |name: &str, i: usize| {
+            if bias {
+                candle_nn::linear(i, query_dim, vb.pp(name))
+            } else {
+                candle_nn::linear_no_bias(i, query_dim, vb.pp(name))
+            }
+        };
+        Ok(Self {
+            to_q: proj("to_q", query_dim)?,
+            to_k: proj("to_k", kv_dim)?,
+            to_v: proj("to_v", kv_dim)?,
+            to_out: candle_nn::linear(query_dim, query_dim, vb.pp("to_out.0"))?,
+            heads,
+        })
+    }
+
+    /// Same layer from pre-0.14 diffusers VAE checkpoints (`query`/`key`/`value`/`proj_attn`).
+    pub(crate) fn load_legacy(vb: VarBuilder, dim: usize) -> Result<Self> {
+        Ok(Self {
+            to_q: candle_nn::linear(dim, dim, vb.pp("query"))?,
+            to_k: candle_nn::linear(dim, dim, vb.pp("key"))?,
+            to_v: candle_nn::linear(dim, dim, vb.pp("value"))?,
+            to_out: candle_nn::linear(dim, dim, vb.pp("proj_attn"))?,
+            heads: 1,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        self.to_out
+            .forward(&attention(&q, &k, &v, self.heads, None)?)
+    }
+}
+
+/// `FeedForward(activation_fn="geglu")`: `Linear(dim, 2·inner)` → `hidden · gelu(gate)` → `Linear(inner, dim)`.
+/// The GELU is the exact (erf) one; tanh-GELU differs by up to 4.7e-4 (MODEL_NOTES.md).
+struct GegluFeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl GegluFeedForward {
+    fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = 4 * dim; // FeedForward(mult=4)
+        Ok(Self {
+            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let halves = h.chunk(2, candle_core::D::Minus1)?;
+        self.out.forward(&(&halves[0] * halves[1].gelu_erf()?)?)
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, each pre-LayerNorm
+/// (eps 1e-5, diffusers `norm_eps` default) with a residual.
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: GegluFeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn load(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize) -> Result<Self> {
+        let ln = |name: &str| candle_nn::layer_norm(dim, 1e-5, vb.pp(name));
+        Ok(Self {
+            norm1: ln("norm1")?,
+            attn1: Attention::load(vb.pp("attn1"), dim, dim, heads, false)?,
+            norm2: ln("norm2")?,
+            attn2: Attention::load(vb.pp("attn2"), dim, context_dim, heads, false)?,
+            norm3: ln("norm3")?,
+            ff: GegluFeedForward::load(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + x
+    }
+}
+
+/// `Transformer2DModel` with `use_linear_projection=True`: GroupNorm (eps 1e-6), tokens = pixels,
+/// `proj_in`, `depth` transformer blocks, `proj_out`, residual.
+pub(crate) struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Linear,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Linear,
+}
+
+impl Transformer2D {
+    pub(crate) fn load(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        depth: usize,
+        context_dim: usize,
+        groups: usize,
+    ) -> Result<Self> {
+        let blocks = (0..depth)
+            .map(|i| {
+                BasicTransformerBlock::load(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    channels,
+                    heads,
+                    context_dim,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: candle_nn::linear(channels, channels, vb.pp("proj_in"))?,
+            blocks,
+            proj_out: candle_nn::linear(channels, channels, vb.pp("proj_out"))?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = self
+            .norm
+            .forward(x)?
+            .permute((0, 2, 3, 1))?
+            .reshape((b, h * w, c))?;
+        let mut t = self.proj_in.forward(&tokens)?;
+        for block in &self.blocks {
+            t = block.forward(&t, context)?;
+        }
+        let t = self.proj_out.forward(&t)?;
+        let t = t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
+        t + x
+    }
+}

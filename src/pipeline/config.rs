@@ -1,0 +1,768 @@
+//! Reading the diffusers folder layout's JSON configs into validated, resolved structs.
+//!
+//! Every architectural fact the pipeline uses comes from here: `model_index.json`, `unet/config.json`,
+//! `text_encoder{,_2}/config.json`, `vae/config.json` and `scheduler/scheduler_config.json`. Nothing is
+//! hard-coded per model; SSD-1B, SDXL base 1.0 and Segmind-Vega differ only in these files
+//! (`../shared/MODEL_NOTES.md` has the table). A key the code cannot honour is an error naming the file,
+//! the key and the value, never a silent default and never a panic.
+//!
+//! This module only parses. Weights are found in `weights.rs`; schedules are computed in `scheduler/`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+/// A config file that is missing, malformed, or asks for something this pipeline does not implement.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not valid JSON: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{}: key `{key}`: {message}", path.display())]
+    Key {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// A parsed JSON object that remembers its file, so that every error can name file and key.
+pub(crate) struct ConfigFile {
+    path: PathBuf,
+    map: Map<String, Value>,
+}
+
+impl ConfigFile {
+    pub(crate) fn open(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let value: Value = serde_json::from_str(text).map_err(|source| ConfigError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        match value {
+            Value::Object(map) => Ok(Self {
+                path: path.to_path_buf(),
+                map,
+            }),
+            _ => Err(ConfigError::Key {
+                path: path.to_path_buf(),
+                key: "(top level)".into(),
+                message: "expected a JSON object".into(),
+            }),
+        }
+    }
+
+    pub(crate) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Key {
+            path: self.path.clone(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The value of `key`, treating JSON `null` as absent (diffusers writes explicit nulls).
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    pub(crate) fn usize_or(&self, key: &str, default: usize) -> Result<usize, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => {
+                as_usize(v).ok_or_else(|| self.err(key, format!("expected an integer, got {v}")))
+            }
+        }
+    }
+
+    pub(crate) fn usize_req(&self, key: &str) -> Result<usize, ConfigError> {
+        let v = self.get(key).ok_or_else(|| self.err(key, "missing"))?;
+        as_usize(v).ok_or_else(|| self.err(key, format!("expected an integer, got {v}")))
+    }
+
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+        self.get(key)
+            .map(|v| {
+                as_usize(v).ok_or_else(|| self.err(key, format!("expected an integer, got {v}")))
+            })
+            .transpose()
+    }
+
+    pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(key, format!("expected a number, got {v}"))),
+        }
+    }
+
+    pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(key, format!("expected true or false, got {v}"))),
+        }
+    }
+
+    pub(crate) fn str_or<'a>(
+        &'a self,
+        key: &str,
+        default: &'a str,
+    ) -> Result<&'a str, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| self.err(key, format!("expected a string, got {v}"))),
+        }
+    }
+
+    pub(crate) fn usize_list(&self, key: &str) -> Result<Vec<usize>, ConfigError> {
+        let v = self.get(key).ok_or_else(|| self.err(key, "missing"))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| self.err(key, format!("expected a list of integers, got {v}")))?;
+        arr.iter()
+            .map(|x| {
+                as_usize(x)
+                    .ok_or_else(|| self.err(key, format!("expected a list of integers, got {v}")))
+            })
+            .collect()
+    }
+
+    pub(crate) fn str_list(&self, key: &str) -> Result<Vec<String>, ConfigError> {
+        let v = self.get(key).ok_or_else(|| self.err(key, "missing"))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| self.err(key, format!("expected a list of strings, got {v}")))?;
+        arr.iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| self.err(key, format!("expected a list of strings, got {v}")))
+            })
+            .collect()
+    }
+
+    /// Fails unless `key` is absent/null or equal to one of `allowed` (the values this code implements).
+    pub(crate) fn require(&self, key: &str, allowed: &[Value]) -> Result<(), ConfigError> {
+        match self.get(key) {
+            None => Ok(()),
+            Some(v) if allowed.iter().any(|a| values_equal(a, v)) => Ok(()),
+            Some(v) => Err(self.err(
+                key,
+                format!(
+                    "value {v} is not supported (supported: {})",
+                    allowed
+                        .iter()
+                        .map(Value::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+}
+
+fn as_usize(v: &Value) -> Option<usize> {
+    v.as_u64().map(|x| x as usize).or_else(|| {
+        // Some configs write integral floats (e.g. `"freq_shift": 0.0`); accept those only.
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+            .map(|f| f as usize)
+    })
+}
+
+fn values_equal(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// `model_index.json`: which components the pipeline has, and pipeline-level flags.
+#[derive(Debug, Clone)]
+pub struct ModelIndex {
+    pub class_name: String,
+    /// diffusers `StableDiffusionXLPipeline.force_zeros_for_empty_prompt`: with no negative prompt the
+    /// unconditional embeddings are zeros instead of the encoding of "" (true for the SDXL family).
+    pub force_zeros_for_empty_prompt: bool,
+    /// The scheduler class the model ships (`scheduler: ["diffusers", "EulerDiscreteScheduler"]`).
+    pub scheduler_class: Option<String>,
+}
+
+impl ModelIndex {
+    pub(crate) fn load(root: &Path) -> Result<Self, ConfigError> {
+        let cfg = ConfigFile::open(&root.join("model_index.json"))?;
+        let class_name = cfg.str_or("_class_name", "")?.to_string();
+        if !class_name.is_empty() && !class_name.starts_with("StableDiffusionXL") {
+            return Err(cfg.err(
+                "_class_name",
+                format!("`{class_name}` is not an SDXL-family pipeline (expected StableDiffusionXLPipeline)"),
+            ));
+        }
+        for component in [
+            "unet",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "tokenizer",
+            "tokenizer_2",
+        ] {
+            if cfg.get(component).is_none() {
+                return Err(cfg.err(
+                    component,
+                    "missing: this pipeline needs both CLIP text encoders, both tokenizers, a UNet and a VAE",
+                ));
+            }
+        }
+        let scheduler_class = cfg
+            .get("scheduler")
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.get(1))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        Ok(Self {
+            class_name,
+            // diffusers' StableDiffusionXLPipeline.__init__ default is True.
+            force_zeros_for_empty_prompt: cfg.bool_or("force_zeros_for_empty_prompt", true)?,
+            scheduler_class,
+        })
+    }
+}
+
+/// Per-layer transformer depth: diffusers accepts an int (same for every layer) or a list per layer,
+/// mixed freely in one array (`[[4, 4, 10], [2, 1, 1], 1]` in SSD-1B's `reverse_transformer_layers_per_block`).
+fn expand_depths(
+    cfg: &ConfigFile,
+    key: &str,
+    v: &Value,
+    layers: usize,
+) -> Result<Vec<usize>, ConfigError> {
+    if let Some(n) = as_usize(v) {
+        return Ok(vec![n; layers]);
+    }
+    let list = v
+        .as_array()
+        .ok_or_else(|| cfg.err(key, format!("expected an integer or a list, got {v}")))?;
+    let depths: Option<Vec<usize>> = list.iter().map(as_usize).collect();
+    let depths =
+        depths.ok_or_else(|| cfg.err(key, format!("expected a list of integers, got {v}")))?;
+    if depths.len() != layers {
+        return Err(cfg.err(
+            key,
+            format!(
+                "entry {v} has {} values but the block has {layers} layers",
+                depths.len()
+            ),
+        ));
+    }
+    Ok(depths)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// `DownBlock2D` / `UpBlock2D`: resnets only.
+    Plain,
+    /// `CrossAttnDownBlock2D` / `CrossAttnUpBlock2D`: each resnet followed by a Transformer2DModel.
+    CrossAttn,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MidBlock {
+    /// `UNetMidBlock2DCrossAttn`: resnet, transformer (`depth` blocks), resnet (SDXL).
+    CrossAttn { depth: usize },
+    /// `UNetMidBlock2D` with `add_attention=False`: one resnet (SSD-1B, Vega; diffusers `get_mid_block`).
+    ResnetOnly,
+    /// `mid_block_type: null`.
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct DownBlockConfig {
+    pub kind: BlockKind,
+    pub out_channels: usize,
+    pub heads: usize,
+    /// Transformer depth of each of the block's `layers_per_block` layers.
+    pub depths: Vec<usize>,
+    pub downsample: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpBlockConfig {
+    pub kind: BlockKind,
+    pub out_channels: usize,
+    /// Channels of the previous up block (or the mid block): the first resnet's input.
+    pub prev_channels: usize,
+    /// Channels at the same level on the way down: the last resnet's skip input.
+    pub in_channels: usize,
+    pub heads: usize,
+    pub depths: Vec<usize>,
+    pub upsample: bool,
+}
+
+/// `unet/config.json`, resolved to the structure diffusers' `UNet2DConditionModel.__init__` builds.
+#[derive(Debug, Clone)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    pub cross_attention_dim: usize,
+    pub down: Vec<DownBlockConfig>,
+    pub up: Vec<UpBlockConfig>,
+    pub mid: MidBlock,
+    pub mid_heads: usize,
+    pub mid_block_scale_factor: f64,
+    /// `Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)`.
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub time_embed_dim: usize,
+    /// `text_time` conditioning: sinusoid width per time id (256 in SDXL).
+    pub addition_time_embed_dim: usize,
+    /// 6 × addition_time_embed_dim + pooled text width (2816 in SDXL).
+    pub projection_class_embeddings_input_dim: usize,
+    /// Default output size in latent pixels (128 for SDXL: 1024 px).
+    pub sample_size: usize,
+}
+
+impl UNetConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_file(&ConfigFile::open(path)?)
+    }
+
+    pub(crate) fn from_file(cfg: &ConfigFile) -> Result<Self, ConfigError> {
+        use serde_json::json;
+        // Options this implementation does not have; each is at its diffusers default in the SDXL family.
+        cfg.require("addition_embed_type", &[json!("text_time")])?;
+        if cfg.get("addition_embed_type").is_none() {
+            return Err(cfg.err(
+                "addition_embed_type",
+                "missing: SDXL-family UNets need \"text_time\" conditioning (an SD 1.x/2.x UNet?)",
+            ));
+        }
+        cfg.require("use_linear_projection", &[json!(true)])?;
+        cfg.require("act_fn", &[json!("silu")])?;
+        cfg.require("resnet_time_scale_shift", &[json!("default")])?;
+        cfg.require("time_embedding_type", &[json!("positional")])?;
+        cfg.require("class_embed_type", &[])?;
+        cfg.require("encoder_hid_dim", &[])?;
+        cfg.require("encoder_hid_dim_type", &[])?;
+        cfg.require("time_cond_proj_dim", &[])?;
+        cfg.require("timestep_post_act", &[])?;
+        cfg.require("time_embedding_act_fn", &[])?;
+        cfg.require("cross_attention_norm", &[])?;
+        cfg.require("num_class_embeds", &[])?;
+        cfg.require("dual_cross_attention", &[json!(false)])?;
+        cfg.require("only_cross_attention", &[json!(false)])?;
+        cfg.require("center_input_sample", &[json!(false)])?;
+        cfg.require("attention_type", &[json!("default")])?;
+        cfg.require("conv_in_kernel", &[json!(3)])?;
+        cfg.require("conv_out_kernel", &[json!(3)])?;
+        cfg.require("downsample_padding", &[json!(1)])?;
+        cfg.require("resnet_out_scale_factor", &[json!(1.0)])?;
+        cfg.require("resnet_skip_time_act", &[json!(false)])?;
+        cfg.require("upcast_attention", &[json!(false), json!(true)])?;
+
+        let block_out_channels = cfg.usize_list("block_out_channels")?;
+        let n = block_out_channels.len();
+        let down_types = cfg.str_list("down_block_types")?;
+        let up_types = cfg.str_list("up_block_types")?;
+        if down_types.len() != n || up_types.len() != n {
+            return Err(cfg.err(
+                "down_block_types",
+                format!(
+                    "{} down and {} up block types for {n} block_out_channels",
+                    down_types.len(),
+                    up_types.len()
+                ),
+            ));
+        }
+        let layers_per_block = cfg.usize_or("layers_per_block", 2)?;
+        let norm_num_groups = cfg.usize_or("norm_num_groups", 32)?;
+        // `num_attention_heads` falls back to `attention_head_dim`, which in SD/SDXL configs holds the
+        // number of heads (diffusers' naming quirk, UNet2DConditionModel.__init__).
+        let heads_key = if cfg.get("num_attention_heads").is_some() {
+            "num_attention_heads"
+        } else {
+            "attention_head_dim"
+        };
+        let heads = match cfg.get(heads_key) {
+            None => vec![8; n], // diffusers default attention_head_dim = 8
+            Some(v) => match as_usize(v) {
+                Some(h) => vec![h; n],
+                None => cfg.usize_list(heads_key)?,
+            },
+        };
+        if heads.len() != n {
+            return Err(cfg.err(heads_key, format!("{} entries for {n} blocks", heads.len())));
+        }
+        let cross_attention_dim = cfg.usize_req("cross_attention_dim")?;
+
+        let down_depths_raw: Vec<Value> = match cfg.get("transformer_layers_per_block") {
+            None => vec![Value::from(1); n],
+            Some(v) if as_usize(v).is_some() => vec![v.clone(); n],
+            Some(Value::Array(a)) => a.clone(),
+            Some(v) => {
+                return Err(cfg.err(
+                    "transformer_layers_per_block",
+                    format!("expected an integer or a list, got {v}"),
+                ));
+            }
+        };
+        if down_depths_raw.len() != n {
+            return Err(cfg.err(
+                "transformer_layers_per_block",
+                format!("{} entries for {n} blocks", down_depths_raw.len()),
+            ));
+        }
+        let up_depths_raw: Vec<Value> = match cfg.get("reverse_transformer_layers_per_block") {
+            None => down_depths_raw.iter().rev().cloned().collect(),
+            Some(Value::Array(a)) => a.clone(),
+            Some(v) => {
+                return Err(cfg.err(
+                    "reverse_transformer_layers_per_block",
+                    format!("expected a list, got {v}"),
+                ));
+            }
+        };
+        if up_depths_raw.len() != n {
+            return Err(cfg.err(
+                "reverse_transformer_layers_per_block",
+                format!("{} entries for {n} blocks", up_depths_raw.len()),
+            ));
+        }
+
+        let block_kind =
+            |key: &str, t: &str, plain: &str, cross: &str| -> Result<BlockKind, ConfigError> {
+                if t == plain {
+                    Ok(BlockKind::Plain)
+                } else if t == cross {
+                    Ok(BlockKind::CrossAttn)
+                } else {
+                    Err(cfg.err(
+                        key,
+                        format!("block type `{t}` is not supported (supported: {plain}, {cross})"),
+                    ))
+                }
+            };
+
+        let mut down = Vec::with_capacity(n);
+        for i in 0..n {
+            let kind = block_kind(
+                "down_block_types",
+                &down_types[i],
+                "DownBlock2D",
+                "CrossAttnDownBlock2D",
+            )?;
+            let depths = expand_depths(
+                cfg,
+                "transformer_layers_per_block",
+                &down_depths_raw[i],
+                layers_per_block,
+            )?;
+            down.push(DownBlockConfig {
+                kind,
+                out_channels: block_out_channels[i],
+                heads: heads[i],
+                depths,
+                downsample: i + 1 < n,
+            });
+        }
+        let rev_channels: Vec<usize> = block_out_channels.iter().rev().copied().collect();
+        let rev_heads: Vec<usize> = heads.iter().rev().copied().collect();
+        let mut up = Vec::with_capacity(n);
+        for i in 0..n {
+            let kind = block_kind(
+                "up_block_types",
+                &up_types[i],
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+            )?;
+            let depths = expand_depths(
+                cfg,
+                "reverse_transformer_layers_per_block",
+                &up_depths_raw[i],
+                layers_per_block + 1,
+            )?;
+            up.push(UpBlockConfig {
+                kind,
+                out_channels: rev_channels[i],
+                prev_channels: rev_channels[i.saturating_sub(1)],
+                in_channels: rev_channels[(i + 1).min(n - 1)],
+                heads: rev_heads[i],
+                depths,
+                upsample: i + 1 < n,
+            });
+        }
+        let mid = match cfg.get("mid_block_type") {
+            // diffusers' default mid block is the cross-attention one.
+            None if cfg.map.contains_key("mid_block_type") => MidBlock::None,
+            None => MidBlock::CrossAttn {
+                depth: first_depth(&down_depths_raw[n - 1]),
+            },
+            Some(v) => match v.as_str() {
+                Some("UNetMidBlock2DCrossAttn") => MidBlock::CrossAttn {
+                    // get_mid_block receives transformer_layers_per_block[-1]; a list there uses its first entry.
+                    depth: first_depth(&down_depths_raw[n - 1]),
+                },
+                Some("UNetMidBlock2D") => MidBlock::ResnetOnly,
+                _ => {
+                    return Err(cfg.err(
+                        "mid_block_type",
+                        format!("{v} is not supported (supported: UNetMidBlock2DCrossAttn, UNetMidBlock2D, null)"),
+                    ));
+                }
+            },
+        };
+        let addition_time_embed_dim = cfg.usize_req("addition_time_embed_dim")?;
+        Ok(Self {
+            in_channels: cfg.usize_or("in_channels", 4)?,
+            out_channels: cfg.usize_or("out_channels", 4)?,
+            layers_per_block,
+            norm_num_groups,
+            norm_eps: cfg.f64_or("norm_eps", 1e-5)?,
+            cross_attention_dim,
+            mid,
+            mid_heads: heads[n - 1],
+            mid_block_scale_factor: cfg.f64_or("mid_block_scale_factor", 1.0)?,
+            flip_sin_to_cos: cfg.bool_or("flip_sin_to_cos", true)?,
+            freq_shift: cfg.f64_or("freq_shift", 0.0)?,
+            // TimestepEmbedding width: block_out_channels[0] * 4 unless set (1280 in SDXL).
+            time_embed_dim: cfg
+                .opt_usize("time_embedding_dim")?
+                .unwrap_or(block_out_channels[0] * 4),
+            addition_time_embed_dim,
+            projection_class_embeddings_input_dim: cfg
+                .usize_req("projection_class_embeddings_input_dim")?,
+            sample_size: cfg.usize_or("sample_size", 128)?,
+            block_out_channels,
+            down,
+            up,
+        })
+    }
+}
+
+fn first_depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => a.first().and_then(as_usize).unwrap_or(1),
+        v => as_usize(v).unwrap_or(1),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipActivation {
+    /// `x * sigmoid(1.702 x)`: OpenAI CLIP ViT-L (text_encoder).
+    QuickGelu,
+    /// Exact erf GELU: OpenCLIP bigG (text_encoder_2).
+    Gelu,
+}
+
+/// `text_encoder{,_2}/config.json` (transformers `CLIPTextConfig`).
+#[derive(Debug, Clone)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub layer_norm_eps: f64,
+    pub activation: ClipActivation,
+    /// transformers pools at `argmax(input_ids)` when the config's eos_token_id is the legacy value 2
+    /// (the SDXL configs), otherwise at the first `eos_token_id`.
+    pub eos_token_id: u32,
+    pub projection_dim: Option<usize>,
+}
+
+impl ClipConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg = ConfigFile::open(path)?;
+        let activation = match cfg.str_or("hidden_act", "quick_gelu")? {
+            "quick_gelu" => ClipActivation::QuickGelu,
+            "gelu" => ClipActivation::Gelu,
+            other => {
+                return Err(cfg.err(
+                    "hidden_act",
+                    format!("\"{other}\" is not supported (supported: quick_gelu, gelu)"),
+                ));
+            }
+        };
+        Ok(Self {
+            vocab_size: cfg.usize_req("vocab_size")?,
+            hidden_size: cfg.usize_req("hidden_size")?,
+            intermediate_size: cfg.usize_req("intermediate_size")?,
+            num_hidden_layers: cfg.usize_req("num_hidden_layers")?,
+            num_attention_heads: cfg.usize_req("num_attention_heads")?,
+            max_position_embeddings: cfg.usize_or("max_position_embeddings", 77)?,
+            layer_norm_eps: cfg.f64_or("layer_norm_eps", 1e-5)?,
+            activation,
+            eos_token_id: cfg.usize_or("eos_token_id", 2)? as u32,
+            projection_dim: cfg.opt_usize("projection_dim")?,
+        })
+    }
+}
+
+/// `vae/config.json` (diffusers `AutoencoderKL`); only the decoder side is used.
+#[derive(Debug, Clone)]
+pub struct VaeConfig {
+    pub latent_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    /// 0.13025 for the SDXL VAE (SD 1.x: 0.18215).
+    pub scaling_factor: f64,
+    /// The VAE overflows in f16: decode in f32 (diffusers `needs_upcasting`).
+    pub force_upcast: bool,
+    pub latents_mean: Option<Vec<f64>>,
+    pub latents_std: Option<Vec<f64>>,
+    pub use_post_quant_conv: bool,
+    pub mid_block_add_attention: bool,
+}
+
+impl VaeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        use serde_json::json;
+        let cfg = ConfigFile::open(path)?;
+        cfg.require("act_fn", &[json!("silu")])?;
+        cfg.require("shift_factor", &[])?;
+        let up_types = cfg.str_list("up_block_types")?;
+        if let Some(bad) = up_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+            return Err(cfg.err(
+                "up_block_types",
+                format!("`{bad}` is not supported (supported: UpDecoderBlock2D)"),
+            ));
+        }
+        let block_out_channels = cfg.usize_list("block_out_channels")?;
+        if up_types.len() != block_out_channels.len() {
+            return Err(cfg.err("up_block_types", "length differs from block_out_channels"));
+        }
+        let float_list = |key: &str| -> Result<Option<Vec<f64>>, ConfigError> {
+            cfg.get(key)
+                .map(|v| {
+                    v.as_array()
+                        .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
+                        .ok_or_else(|| cfg.err(key, format!("expected a list of numbers, got {v}")))
+                })
+                .transpose()
+        };
+        Ok(Self {
+            latent_channels: cfg.usize_or("latent_channels", 4)?,
+            out_channels: cfg.usize_or("out_channels", 3)?,
+            layers_per_block: cfg.usize_or("layers_per_block", 1)?,
+            norm_num_groups: cfg.usize_or("norm_num_groups", 32)?,
+            scaling_factor: cfg.f64_or("scaling_factor", 0.18215)?,
+            force_upcast: cfg.bool_or("force_upcast", true)?,
+            latents_mean: float_list("latents_mean")?,
+            latents_std: float_list("latents_std")?,
+            use_post_quant_conv: cfg.bool_or("use_post_quant_conv", true)?,
+            mid_block_add_attention: cfg.bool_or("mid_block_add_attention", true)?,
+            block_out_channels,
+        })
+    }
+
+    /// Pixels per latent pixel: 2^(number of VAE blocks - 1) = 8 for SD/SDXL (diffusers `vae_scale_factor`).
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unet(json: &str) -> Result<UNetConfig, ConfigError> {
+        UNetConfig::from_file(&ConfigFile::parse(Path::new("unet/config.json"), json).unwrap())
+    }
+
+    const SSD1B: &str = r#"{
+        "_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 2, "mid_block_type": "UNetMidBlock2D",
+        "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+        "transformer_layers_per_block": [1, 2, 4],
+        "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], 1],
+        "use_linear_projection": true, "class_embed_type": null, "upcast_attention": null
+    }"#;
+
+    #[test]
+    fn ssd1b_asymmetric_up_blocks_expand_mixed_int_and_list_entries() {
+        let c = unet(SSD1B).unwrap();
+        assert_eq!(c.down[2].depths, vec![4, 4]);
+        assert_eq!(c.up[0].depths, vec![4, 4, 10]);
+        assert_eq!(c.up[1].depths, vec![2, 1, 1]);
+        assert_eq!(c.up[2].depths, vec![1, 1, 1]);
+        assert_eq!(c.up[0].heads, 20);
+        assert_eq!(c.mid, MidBlock::ResnetOnly);
+        assert_eq!(c.time_embed_dim, 1280);
+        assert_eq!((c.up[0].prev_channels, c.up[0].in_channels), (1280, 640));
+        assert_eq!((c.up[2].prev_channels, c.up[2].in_channels), (640, 320));
+    }
+
+    #[test]
+    fn sdxl_without_reverse_list_mirrors_the_down_depths_and_keeps_attention_mid_block() {
+        let json = SSD1B
+            .replace(
+                r#""reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], 1],"#,
+                "",
+            )
+            .replace(r#""mid_block_type": "UNetMidBlock2D","#, "")
+            .replace("[1, 2, 4]", "[1, 2, 10]");
+        let c = unet(&json).unwrap();
+        assert_eq!(c.up[0].depths, vec![10, 10, 10]);
+        assert_eq!(c.up[1].depths, vec![2, 2, 2]);
+        assert_eq!(c.mid, MidBlock::CrossAttn { depth: 10 });
+    }
+
+    #[test]
+    fn a_list_entry_of_the_wrong_length_names_file_and_key() {
+        let json = SSD1B.replace("[[4, 4, 10], [2, 1, 1], 1]", "[[4, 10], [2, 1, 1], 1]");
+        let err = unet(&json).unwrap_err().to_string();
+        assert!(err.contains("unet/config.json"), "{err}");
+        assert!(
+            err.contains("reverse_transformer_layers_per_block"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_sd15_unet_without_text_time_is_rejected_by_key() {
+        let json = SSD1B.replace(r#""addition_embed_type": "text_time","#, "");
+        let err = unet(&json).unwrap_err().to_string();
+        assert!(err.contains("addition_embed_type"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_values_are_named() {
+        let json = SSD1B.replace(
+            r#""use_linear_projection": true"#,
+            r#""use_linear_projection": false"#,
+        );
+        let err = unet(&json).unwrap_err().to_string();
+        assert!(
+            err.contains("use_linear_projection") && err.contains("false"),
+            "{err}"
+        );
+    }
+}

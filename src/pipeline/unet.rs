@@ -1,0 +1,406 @@
+//! The SDXL-family UNet (`UNet2DConditionModel` with `text_time` conditioning), built from
+//! `UNetConfig` so that SDXL's symmetric blocks, SSD-1B's asymmetric up blocks and resnet-only mid
+//! block, and Vega's per-layer depths all come from the same code.
+//!
+//! One call predicts the noise for a whole CFG batch at one timestep. The conditioning that does not
+//! change across denoising steps (pooled text + micro-conditioning time ids → `add_embedding`) is
+//! computed once per batch by [`UNet::conditioning`]; [`UNet::forward`] adds the timestep part.
+//! Sinusoids are computed on the host in f32 as diffusers' `get_timestep_embedding` does (in f16 they
+//! are off by up to 0.27, MODEL_NOTES.md) and only then cast to the model dtype.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use super::blocks::{
+    Conv, Downsample2D, ResnetBlock2D, ResnetParams, Transformer2D, Upsample2D, conv3x3,
+};
+use super::config::{BlockKind, MidBlock, UNetConfig};
+
+/// diffusers `get_timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift)` with
+/// `max_period = 10000`, in f32 like PyTorch. Returns `values.len() × dim` row-major.
+pub(crate) fn sinusoids(values: &[f32], dim: usize, flip_sin_to_cos: bool, shift: f32) -> Vec<f32> {
+    let half = dim / 2;
+    let log_period = -(10000f64.ln() as f32);
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (log_period * i as f32 / (half as f32 - shift)).exp())
+        .collect();
+    let mut out = Vec::with_capacity(values.len() * dim);
+    for &t in values {
+        let args = freqs.iter().map(|f| t * f);
+        let (sin, cos): (Vec<f32>, Vec<f32>) = args.map(|a| (a.sin(), a.cos())).unzip();
+        if flip_sin_to_cos {
+            out.extend(cos);
+            out.extend(sin);
+        } else {
+            out.extend(sin);
+            out.extend(cos);
+        }
+        if dim % 2 == 1 {
+            out.push(0.0);
+        }
+    }
+    out
+}
+
+/// `TimestepEmbedding`: linear → SiLU → linear.
+struct Mlp {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: candle_nn::linear(c_in, c_out, vb.pp("linear_1"))?,
+            linear_2: candle_nn::linear(c_out, c_out, vb.pp("linear_2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+/// One resnet with its optional transformer: a layer of a down or up block.
+struct Layer {
+    resnet: ResnetBlock2D,
+    attention: Option<Transformer2D>,
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = self.resnet.forward(x, Some(temb))?;
+        match &self.attention {
+            Some(a) => a.forward(&x, context),
+            None => Ok(x),
+        }
+    }
+}
+
+struct DownBlock {
+    layers: Vec<Layer>,
+    downsample: Option<Downsample2D>,
+}
+
+struct UpBlock {
+    layers: Vec<Layer>,
+    upsample: Option<Upsample2D>,
+}
+
+struct MidCrossAttn {
+    resnet_1: ResnetBlock2D,
+    attention: Transformer2D,
+    resnet_2: ResnetBlock2D,
+}
+
+enum Mid {
+    CrossAttn(Box<MidCrossAttn>),
+    ResnetOnly(Box<ResnetBlock2D>),
+    None,
+}
+
+/// Step-invariant conditioning for one batch: `add_embedding([pooled ; sinusoid(time_ids)])`.
+pub struct Conditioning {
+    aug_emb: Tensor,
+}
+
+pub struct UNet {
+    config: UNetConfig,
+    conv_in: Conv,
+    time_embedding: Mlp,
+    add_embedding: Mlp,
+    down: Vec<DownBlock>,
+    mid: Mid,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv,
+    dtype: DType,
+    device: Device,
+}
+
+impl UNet {
+    pub fn load(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
+        let c = config;
+        let temb = c.time_embed_dim;
+        let resnet = |vb: VarBuilder, c_in: usize, c_out: usize, scale: f64| {
+            ResnetBlock2D::load(
+                vb,
+                &ResnetParams {
+                    c_in,
+                    c_out,
+                    temb: Some(temb),
+                    groups: c.norm_num_groups,
+                    eps: c.norm_eps,
+                    output_scale_factor: scale,
+                },
+            )
+        };
+        let transformer = |vb: VarBuilder, ch: usize, heads: usize, depth: usize| {
+            Transformer2D::load(
+                vb,
+                ch,
+                heads,
+                depth,
+                c.cross_attention_dim,
+                c.norm_num_groups,
+            )
+        };
+
+        let mut down = Vec::new();
+        let mut ch = c.block_out_channels[0];
+        for (i, b) in c.down.iter().enumerate() {
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let mut layers = Vec::new();
+            for (j, depth) in b.depths.iter().enumerate() {
+                let c_in = if j == 0 { ch } else { b.out_channels };
+                layers.push(Layer {
+                    resnet: resnet(vb.pp(format!("resnets.{j}")), c_in, b.out_channels, 1.0)?,
+                    attention: match b.kind {
+                        BlockKind::CrossAttn => Some(transformer(
+                            vb.pp(format!("attentions.{j}")),
+                            b.out_channels,
+                            b.heads,
+                            *depth,
+                        )?),
+                        BlockKind::Plain => None,
+                    },
+                });
+            }
+            let downsample = b
+                .downsample
+                .then(|| Downsample2D::load(vb.pp("downsamplers.0"), b.out_channels))
+                .transpose()?;
+            down.push(DownBlock { layers, downsample });
+            ch = b.out_channels;
+        }
+
+        let mid_vb = vb.pp("mid_block");
+        let mid_ch = *c.block_out_channels.last().unwrap_or(&ch);
+        let scale = c.mid_block_scale_factor;
+        let mid = match c.mid {
+            MidBlock::CrossAttn { depth } => Mid::CrossAttn(Box::new(MidCrossAttn {
+                resnet_1: resnet(mid_vb.pp("resnets.0"), mid_ch, mid_ch, scale)?,
+                attention: transformer(mid_vb.pp("attentions.0"), mid_ch, c.mid_heads, depth)?,
+                resnet_2: resnet(mid_vb.pp("resnets.1"), mid_ch, mid_ch, scale)?,
+            })),
+            MidBlock::ResnetOnly => Mid::ResnetOnly(Box::new(resnet(
+                mid_vb.pp("resnets.0"),
+                mid_ch,
+                mid_ch,
+                scale,
+            )?)),
+            MidBlock::None => Mid::None,
+        };
+
+        let mut up = Vec::new();
+        for (i, b) in c.up.iter().enumerate() {
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let n = b.depths.len();
+            let mut layers = Vec::new();
+            for (j, depth) in b.depths.iter().enumerate() {
+                // diffusers CrossAttnUpBlock2D/UpBlock2D: the last resnet's skip comes from the level above.
+                let skip = if j == n - 1 {
+                    b.in_channels
+                } else {
+                    b.out_channels
+                };
+                let c_in = if j == 0 {
+                    b.prev_channels
+                } else {
+                    b.out_channels
+                };
+                layers.push(Layer {
+                    resnet: resnet(
+                        vb.pp(format!("resnets.{j}")),
+                        c_in + skip,
+                        b.out_channels,
+                        1.0,
+                    )?,
+                    attention: match b.kind {
+                        BlockKind::CrossAttn => Some(transformer(
+                            vb.pp(format!("attentions.{j}")),
+                            b.out_channels,
+                            b.heads,
+                            *depth,
+                        )?),
+                        BlockKind::Plain => None,
+                    },
+                });
+            }
+            let upsample = b
+                .upsample
+                .then(|| Upsample2D::load(vb.pp("upsamplers.0"), b.out_channels))
+                .transpose()?;
+            up.push(UpBlock { layers, upsample });
+        }
+
+        let c0 = c.block_out_channels[0];
+        Ok(Self {
+            conv_in: conv3x3(vb.pp("conv_in"), c.in_channels, c0, 1)?,
+            time_embedding: Mlp::load(vb.pp("time_embedding"), c0, temb)?,
+            add_embedding: Mlp::load(
+                vb.pp("add_embedding"),
+                c.projection_class_embeddings_input_dim,
+                temb,
+            )?,
+            down,
+            mid,
+            up,
+            conv_norm_out: candle_nn::group_norm(
+                c.norm_num_groups,
+                c0,
+                c.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv3x3(vb.pp("conv_out"), c0, c.out_channels, 1)?,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `time_embedding(time_proj(t))` for each timestep: `(len, time_embed_dim)`.
+    pub fn time_embedding(&self, timesteps: &[f64]) -> Result<Tensor> {
+        let c = &self.config;
+        let dim = c.block_out_channels[0];
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let emb = sinusoids(&t, dim, c.flip_sin_to_cos, c.freq_shift as f32);
+        let emb = Tensor::from_vec(emb, (t.len(), dim), &self.device)?.to_dtype(self.dtype)?;
+        self.time_embedding.forward(&emb)
+    }
+
+    /// The `text_time` embedding: `pooled` is `(B, pooled_dim)`, `time_ids` one `[orig_h, orig_w,
+    /// crop_top, crop_left, target_h, target_w]` row per batch entry.
+    pub fn conditioning(&self, pooled: &Tensor, time_ids: &[[f64; 6]]) -> Result<Conditioning> {
+        let c = &self.config;
+        let flat: Vec<f32> = time_ids.iter().flatten().map(|&v| v as f32).collect();
+        // add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift).
+        let emb = sinusoids(
+            &flat,
+            c.addition_time_embed_dim,
+            c.flip_sin_to_cos,
+            c.freq_shift as f32,
+        );
+        let width = 6 * c.addition_time_embed_dim;
+        let time =
+            Tensor::from_vec(emb, (time_ids.len(), width), &self.device)?.to_dtype(self.dtype)?;
+        let pooled = pooled.to_dtype(self.dtype)?;
+        let expected = c.projection_class_embeddings_input_dim;
+        let got = pooled.dim(1)? + width;
+        if got != expected {
+            candle_core::bail!(
+                "unet/config.json projection_class_embeddings_input_dim is {expected} but the pooled text \
+                 embedding ({}) plus 6 time ids × {} give {got}",
+                pooled.dim(1)?,
+                c.addition_time_embed_dim
+            );
+        }
+        let input = Tensor::cat(&[&pooled, &time], 1)?;
+        Ok(Conditioning {
+            aug_emb: self.add_embedding.forward(&input)?,
+        })
+    }
+
+    /// Raw `add_embedding` output, for parity tests.
+    pub fn conditioning_tensor(cond: &Conditioning) -> &Tensor {
+        &cond.aug_emb
+    }
+
+    /// Predicts the noise: `sample` `(B, 4, h, w)` at `timestep`, `context` `(B, 77, cross_dim)`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        cond: &Conditioning,
+    ) -> Result<Tensor> {
+        let sample = sample.to_dtype(self.dtype)?;
+        let context = context.to_dtype(self.dtype)?;
+        let emb = self
+            .time_embedding(&[timestep])?
+            .broadcast_add(&cond.aug_emb)?;
+        // Every resnet applies SiLU to the embedding first; do it once.
+        let temb = emb.silu()?;
+
+        let mut x = self.conv_in.forward(&sample)?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down {
+            for layer in &block.layers {
+                x = layer.forward(&x, &temb, &context)?;
+                skips.push(x.clone());
+            }
+            if let Some(d) = &block.downsample {
+                x = d.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+
+        x = match &self.mid {
+            Mid::CrossAttn(m) => {
+                let h = m.resnet_1.forward(&x, Some(&temb))?;
+                let h = m.attention.forward(&h, &context)?;
+                m.resnet_2.forward(&h, Some(&temb))?
+            }
+            Mid::ResnetOnly(r) => r.forward(&x, Some(&temb))?,
+            Mid::None => x,
+        };
+
+        for block in &self.up {
+            for layer in &block.layers {
+                // Invariant: the down path pushed exactly one skip per up-block resnet.
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("UNet skip stack empty".into()))?;
+                x = Tensor::cat(&[&x, &skip], 1)?;
+                x = layer.forward(&x, &temb, &context)?;
+            }
+            if let Some(u) = &block.upsample {
+                // Up-sample to the next skip's size (equal to ×2 unless the latent size is odd somewhere).
+                let size = match skips.last() {
+                    Some(s) => {
+                        let (_, _, h, w) = s.dims4()?;
+                        Some((h, w))
+                    }
+                    None => None,
+                };
+                x = u.forward(&x, size)?;
+            }
+        }
+
+        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        self.conv_out.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sinusoid_matches_diffusers_get_timestep_embedding() {
+        // python: get_timestep_embedding(torch.tensor([0., 1.]), 4, flip_sin_to_cos=True, downscale_freq_shift=0)
+        // -> [[1, 1, 0, 0], [0.5403023, 0.99995, 0.84147096, 0.00999983]]
+        let e = sinusoids(&[0.0, 1.0], 4, true, 0.0);
+        let want = [
+            1.0,
+            1.0,
+            0.0,
+            0.0,
+            0.540_302_3,
+            0.999_95,
+            0.841_470_96,
+            0.009_999_833,
+        ];
+        for (a, b) in e.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{e:?}");
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The one integration-test binary (candle makes every extra test binary slow to link).
+//!
+//! * `parity`: the pipeline against diffusers' own tensors on tiny random-weight models
+//!   (`tests/fixtures/`, built by `scripts/parity/make_fixtures.py`).
+//! * `cli`: `t2i generate` through the real binary.
+
+// mod cli;
+mod parity;
+mod support;
