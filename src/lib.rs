@@ -19,9 +19,10 @@
 #![deny(unsafe_code)]
 #![warn(clippy::dbg_macro, clippy::todo)]
 
-// pub mod cli;
-// pub mod device;
-// pub mod generate;
-// pub mod image;
-// pub mod job;
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod image;
+pub mod job;
 pub mod pipeline;

@@ -4,6 +4,6 @@
 //!   (`tests/fixtures/`, built by `scripts/parity/make_fixtures.py`).
 //! * `cli`: `t2i generate` through the real binary.
 
-// mod cli;
+mod cli;
 mod parity;
 mod support;

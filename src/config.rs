@@ -1,0 +1,131 @@
+//! Flags → validated configuration, once, at start-up (ripgrep's `hiargs.rs` pattern). Nothing below
+//! this module reads flags or environment variables of ours.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+
+use crate::cli::{ModelArgs, UsageError};
+use crate::device::{dtype_name, parse_device, parse_dtype};
+use crate::pipeline::{LoadOptions, ModelSourceError, Pipeline, PipelineError, Variant};
+
+/// Which model to load, where, and how.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// As given: a repo id or a folder (also the `Model:` name in image metadata).
+    pub spec: String,
+    pub revision: Option<String>,
+    pub variant: Variant,
+    pub device: Device,
+    pub device_name: String,
+    pub dtype: DType,
+}
+
+impl ModelConfig {
+    pub fn from_args(args: &ModelArgs) -> Result<Self, UsageError> {
+        let usage = |e: &dyn std::fmt::Display| UsageError(e.to_string());
+        let device = parse_device(&args.device).map_err(|e| usage(&e))?;
+        let dtype = if args.dtype.eq_ignore_ascii_case("auto") {
+            // bf16 on CUDA: f16 overflows in SDXL-family UNets more often and bf16 is as fast on
+            // Ampere and newer. Metal: f16. CPU: f32 (half types are emulated and slower there).
+            match &device {
+                Device::Cuda(_) => DType::BF16,
+                Device::Metal(_) => DType::F16,
+                Device::Cpu => DType::F32,
+            }
+        } else {
+            parse_dtype(&args.dtype).map_err(|e| usage(&e))?
+        };
+        let variant = Variant::parse(&args.variant).ok_or_else(|| {
+            UsageError(format!(
+                "unknown --variant `{}` (expected auto, default or fp16)",
+                args.variant
+            ))
+        })?;
+        Ok(Self {
+            spec: args.model.clone(),
+            revision: args.revision.clone(),
+            variant,
+            device,
+            device_name: args.device.clone(),
+            dtype,
+        })
+    }
+
+    /// A short model name for metadata: the last path segment (`segmind/SSD-1B` → `SSD-1B`).
+    pub fn display_name(&self) -> String {
+        self.spec
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(&self.spec)
+            .to_string()
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        dtype_name(self.dtype)
+    }
+
+    /// Resolves (downloading if needed) and loads the pipeline.
+    pub fn load(&self) -> Result<LoadedModel, LoadError> {
+        let start = Instant::now();
+        let root = crate::pipeline::weights::resolve_model(
+            &self.spec,
+            self.revision.as_deref(),
+            self.variant,
+            self.dtype,
+        )?;
+        let resolved = start.elapsed();
+        let pipeline = Pipeline::load(
+            &root,
+            &LoadOptions {
+                device: self.device.clone(),
+                dtype: self.dtype,
+                variant: self.variant,
+            },
+        )
+        .map_err(|e| LoadError::Pipeline(Box::new(e)))?;
+        Ok(LoadedModel {
+            pipeline,
+            root,
+            resolve_time: resolved,
+            load_time: start.elapsed() - resolved,
+        })
+    }
+}
+
+pub struct LoadedModel {
+    pub pipeline: Pipeline,
+    pub root: PathBuf,
+    pub resolve_time: Duration,
+    pub load_time: Duration,
+}
+
+/// Loading failed: either the user's model is wrong/unsupported ([`LoadError::is_usage`]) or something
+/// broke (download, I/O).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Source(#[from] ModelSourceError),
+    #[error(transparent)]
+    Pipeline(Box<PipelineError>),
+}
+
+impl LoadError {
+    /// A model that is missing, incomplete or not supported: the user's to fix (exit code 2).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Self::Source(ModelSourceError::Download { .. }) => false,
+            Self::Source(_) => true,
+            Self::Pipeline(e) => match e.as_ref() {
+                PipelineError::Source(ModelSourceError::Download { .. }) => false,
+                PipelineError::Config(_)
+                | PipelineError::Source(_)
+                | PipelineError::Tokenizer(_)
+                | PipelineError::LoadWeights { .. } => true,
+                _ => false,
+            },
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! `t2i generate` through the real binary: reproduction of diffusers' images from the reference
+//! latents, output formats and metadata, the hub-cache resolution, and exit code 2 with one clear line
+//! for every kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::support::{Reference, fixtures, max_abs_diff, model_dir};
+
+fn t2i(args: &[&str]) -> Output {
+    t2i_env(args, &[])
+}
+
+fn t2i_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_t2i"));
+    cmd.args(args)
+        .env_remove("T2I_MODEL")
+        .env_remove("HF_HUB_OFFLINE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running t2i")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Saves a reference latents tensor as `--latents` expects it.
+fn latents_file(dir: &Path, r: &Reference, case: &str) -> PathBuf {
+    let path = dir.join(format!("{case}.safetensors"));
+    let t = r.get(&format!("{case}.latents")).clone();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), t)]),
+        &path,
+    )
+    .unwrap();
+    path
+}
+
+fn read_png(path: &Path) -> (Tensor, Vec<(String, String)>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut buf).unwrap();
+    let info = reader.info();
+    let mut texts: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    texts.extend(
+        info.utf8_text
+            .iter()
+            .map(|t| (t.keyword.clone(), t.get_text().unwrap())),
+    );
+    let t = Tensor::from_vec(
+        buf[..frame.buffer_size()].to_vec(),
+        (1, frame.height as usize, frame.width as usize, 3),
+        &Device::Cpu,
+    )
+    .unwrap();
+    (t, texts)
+}
+
+#[test]
+fn generate_with_reference_latents_reproduces_the_diffusers_image_for_each_deterministic_sampler() {
+    let r = Reference::load("ssd-1b-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir("ssd-1b-tiny");
+    for scheduler in ["euler", "ddim", "dpmpp_2m", "dpmpp_2m_karras"] {
+        let latents = latents_file(tmp.path(), &r, scheduler);
+        let out = tmp.path().join(format!("{scheduler}.png"));
+        let o = t2i(&[
+            "generate",
+            "--model",
+            path_str(&model),
+            "--prompt",
+            "a photo of a cat",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "4",
+            "--guidance-scale",
+            "5",
+            "--scheduler",
+            scheduler,
+            "--seed",
+            "0",
+            "--latents",
+            path_str(&latents),
+            "--output",
+            path_str(&out),
+        ]);
+        assert!(o.status.success(), "{scheduler}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("timings:"),
+            "no per-phase timings: {}",
+            stderr(&o)
+        );
+        let (pixels, texts) = read_png(&out);
+        let want = r.get(&format!("{scheduler}.image"));
+        let diff = max_abs_diff(
+            &pixels.to_dtype(DType::F32).unwrap(),
+            &want.to_dtype(DType::F32).unwrap(),
+        );
+        assert!(
+            diff <= 1.0,
+            "{scheduler}: CLI image differs from diffusers by {diff}/255"
+        );
+        let params = &texts
+            .iter()
+            .find(|(k, _)| k == "parameters")
+            .expect("parameters chunk")
+            .1;
+        assert!(
+            params.starts_with("a photo of a cat\nSteps: 4, Sampler: "),
+            "{params}"
+        );
+        assert!(
+            params.contains("CFG scale: 5, Seed: 0, Size: 64x64, Model: ssd-1b-tiny"),
+            "{params}"
+        );
+        let job = &texts.iter().find(|(k, _)| k == "t2i").expect("t2i chunk").1;
+        let job: serde_json::Value = serde_json::from_str(job).unwrap();
+        assert_eq!(job["scheduler"], scheduler);
+    }
+}
+
+#[test]
+fn several_prompts_fill_a_folder_in_each_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "# comment\na wolf\n\nthe sea\n").unwrap();
+    for format in ["jpeg", "webp", "png"] {
+        let out = tmp.path().join(format);
+        let o = t2i(&[
+            "generate",
+            "--model",
+            path_str(&model_dir("vega-tiny")),
+            "--prompts-file",
+            path_str(&prompts),
+            "--prompt",
+            "a cat",
+            "--num-images",
+            "2",
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+            "--format",
+            format,
+            "--output",
+            path_str(&out),
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{format}: {}", stderr(&o));
+        let files: Vec<PathBuf> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(files.len(), 6, "3 prompts × 2 images");
+        for f in &files {
+            let img = image::open(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            assert_eq!(
+                (img.width(), img.height()),
+                (64, 64),
+                "the model's default size"
+            );
+        }
+        assert!(
+            stderr(&o).contains("seed:"),
+            "a random seed must be reported"
+        );
+    }
+}
+
+#[test]
+fn bad_arguments_exit_2_with_one_clear_line_and_no_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir("ssd-1b-tiny");
+    let m = path_str(&model);
+    // A model folder whose UNet weights are missing.
+    let broken = tmp.path().join("broken");
+    copy_dir(&model, &broken);
+    for f in std::fs::read_dir(broken.join("unet")).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--width", "1004"], "multiple of 8"),
+        (vec!["--steps", "0"], "steps"),
+        (vec!["--guidance-scale", "NaN"], "guidance_scale"),
+        (vec!["--scheduler", "heun"], "scheduler"),
+        (vec!["--num-images", "9"], "num_images"),
+        (
+            vec!["--model", "/nonexistent/model"],
+            "neither a local folder",
+        ),
+        (
+            vec!["--model", path_str(&broken)],
+            "diffusion_pytorch_model",
+        ),
+        (vec!["--device", "tpu"], "unknown device"),
+        (
+            vec!["--output", "one.png", "--num-images", "2"],
+            "names one file",
+        ),
+        (vec!["--latents", "/nonexistent.safetensors"], "--latents"),
+        (vec!["--width", "abc"], "invalid value"),
+        (vec!["--no-such-flag"], "unexpected argument"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["generate", "--prompt", "a cat"];
+        if !extra.contains(&"--model") {
+            args.extend(["--model", m]);
+        }
+        if !extra.contains(&"--steps") {
+            args.extend(["--steps", "1"]);
+        }
+        args.extend(extra.iter().copied());
+        let o = t2i(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{extra:?}: expected `{needle}` in {err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{extra:?}: {err}"
+        );
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{extra:?}: more than one line: {err}"
+        );
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn repo_ids_resolve_through_the_hub_cache_offline_with_revision_pinning() {
+    // The layout huggingface_hub writes: models--owner--name/{refs/main, snapshots/<commit>/...}.
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--segmind--tiny-ssd");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    copy_dir(
+        &model_dir("ssd-1b-tiny"),
+        &repo.join("snapshots").join(commit),
+    );
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let out = home.path().join("out.png");
+    let env = [("HF_HOME", path_str(home.path())), ("HF_HUB_OFFLINE", "1")];
+    let base = [
+        "generate",
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+        "--output",
+        path_str(&out),
+    ];
+
+    let mut args = base.to_vec();
+    args.extend(["--model", "segmind/tiny-ssd"]);
+    let o = t2i_env(&args, &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.exists());
+
+    let mut args = base.to_vec();
+    args.extend(["--model", "segmind/tiny-ssd", "--revision", commit]);
+    assert!(t2i_env(&args, &env).status.success(), "pinned commit");
+
+    let mut args = base.to_vec();
+    args.extend(["--model", "segmind/tiny-ssd", "--revision", "v2"]);
+    let o = t2i_env(&args, &env);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("HF_HUB_OFFLINE"), "{}", stderr(&o));
+
+    let mut args = base.to_vec();
+    args.extend(["--model", "segmind/not-there"]);
+    let o = t2i_env(&args, &env);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("not in the Hugging Face cache"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = fixtures();
+}
+
+/// A minimal stand-in for the Hugging Face hub's HTTP API, enough for hf-hub's sync client: repo info
+/// (`/api/models/{repo}/revision/{rev}`) and ranged file downloads (`/{repo}/resolve/{rev}/{file}`)
+/// with `ETag`, `X-Repo-Commit` and `Content-Range`. Serves one local folder as repo `test/tiny`.
+struct MockHub {
+    addr: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl MockHub {
+    fn serve(root: PathBuf, commit: &'static str) -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                let mut range = None;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        range = Some(v.trim().to_string());
+                    }
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .to_string();
+                log.lock().unwrap().push(path.clone());
+                let (status, headers, body) = respond(&root, commit, &path, range.as_deref());
+                let mut head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    body.len()
+                );
+                for (k, v) in headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body);
+            }
+        });
+        Self { addr, requests }
+    }
+}
+
+fn respond(
+    root: &Path,
+    commit: &str,
+    path: &str,
+    range: Option<&str>,
+) -> (String, Vec<(String, String)>, Vec<u8>) {
+    let not_found = || ("404 Not Found".to_string(), vec![], b"not found".to_vec());
+    if path == "/api/models/test/tiny/revision/main" {
+        let mut files = Vec::new();
+        list_files(root, root, &mut files);
+        let siblings: Vec<serde_json::Value> = files
+            .iter()
+            .map(|f| serde_json::json!({"rfilename": f}))
+            .collect();
+        let body = serde_json::json!({"sha": commit, "siblings": siblings})
+            .to_string()
+            .into_bytes();
+        return (
+            "200 OK".into(),
+            vec![("Content-Type".into(), "application/json".into())],
+            body,
+        );
+    }
+    let Some(file) = path.strip_prefix("/test/tiny/resolve/main/") else {
+        return not_found();
+    };
+    let Ok(data) = std::fs::read(root.join(file)) else {
+        return not_found();
+    };
+    let start: usize = range
+        .and_then(|r| r.split('-').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let end = match range
+        .and_then(|r| r.split('-').nth(1))
+        .filter(|s| !s.is_empty())
+    {
+        Some(e) => e.parse::<usize>().unwrap().min(data.len() - 1),
+        None => data.len() - 1,
+    };
+    let etag = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (file, data.len()).hash(&mut h);
+        format!("\"{:016x}\"", h.finish())
+    };
+    let headers = vec![
+        ("ETag".to_string(), etag),
+        ("X-Repo-Commit".to_string(), commit.to_string()),
+        (
+            "Content-Range".to_string(),
+            format!("bytes {start}-{end}/{}", data.len()),
+        ),
+    ];
+    (
+        "206 Partial Content".into(),
+        headers,
+        data[start..=end].to_vec(),
+    )
+}
+
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            list_files(root, &p, out);
+        } else {
+            out.push(
+                p.strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/"),
+            );
+        }
+    }
+}
+
+#[test]
+fn repo_ids_download_only_the_needed_files_from_the_hub_then_work_offline() {
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let hub = MockHub::serve(model_dir("ssd-1b-tiny"), commit);
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("out.png");
+    let args = [
+        "generate",
+        "--model",
+        "test/tiny",
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+        "--quiet",
+        "--output",
+        path_str(&out),
+    ];
+    let o = t2i_env(
+        &args,
+        &[
+            ("HF_HOME", path_str(home.path())),
+            ("HF_ENDPOINT", &hub.addr),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let snapshot = home
+        .path()
+        .join("hub/models--test--tiny/snapshots")
+        .join(commit);
+    assert!(
+        snapshot
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .exists()
+    );
+    assert!(
+        !snapshot
+            .join("unet/diffusion_pytorch_model.fp16.safetensors")
+            .exists(),
+        "f32 run must not download the fp16 variant"
+    );
+    let served = hub.requests.lock().unwrap().len();
+    assert!(served > 0);
+
+    // Everything is cached now: offline works and the hub is not asked again.
+    let o = t2i_env(
+        &args,
+        &[("HF_HOME", path_str(home.path())), ("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = t2i_env(
+        &args,
+        &[
+            ("HF_HOME", path_str(home.path())),
+            ("HF_ENDPOINT", &hub.addr),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        hub.requests.lock().unwrap().len(),
+        served,
+        "a complete cached snapshot needs no requests"
+    );
+}
