@@ -25,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate images locally from prompts (no broker).
     Generate(GenerateArgs),
+    /// Measure load, per-step and end-to-end speed and memory for a model, device and dtype.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Where the model comes from and how it runs.

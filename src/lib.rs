@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 #![warn(clippy::dbg_macro, clippy::todo)]
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod device;

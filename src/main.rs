@@ -24,6 +24,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Generate(args) => t2i_worker::generate::run(args),
+        Command::Bench(args) => t2i_worker::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ pub mod attention;
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod cost;
 pub mod denoise;
 pub mod scheduler;
 pub mod tokenizer;
@@ -454,6 +455,10 @@ impl Pipeline {
             .unet
             .conditioning(&pooled, &time_ids)
             .map_err(PipelineError::EncodePrompt)?;
+        // Device work is asynchronous on CUDA/Metal: synchronise so phase timings mean something.
+        self.device
+            .synchronize()
+            .map_err(PipelineError::EncodePrompt)?;
         timings.text_encode = t0.elapsed();
 
         let t1 = Instant::now();
@@ -469,6 +474,12 @@ impl Pipeline {
             .map_err(|e| match e {
                 DenoiseError::Model { step, source } => PipelineError::Denoise { step, source },
                 DenoiseError::Stopped { step } => PipelineError::Stopped { step },
+            })?;
+        self.device
+            .synchronize()
+            .map_err(|source| PipelineError::Denoise {
+                step: batch.steps,
+                source,
             })?;
         timings.denoise = t1.elapsed();
         timings.steps = batch.steps;
