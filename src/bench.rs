@@ -104,7 +104,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let f = p.vae_scale_factor();
     let width = args.width.unwrap_or(p.default_size());
     let height = args.height.unwrap_or(p.default_size());
-    if width % f != 0 || height % f != 0 {
+    if !width.is_multiple_of(f) || !height.is_multiple_of(f) {
         return Err(UsageError(format!("--width/--height must be multiples of {f}")).into());
     }
     let cfg = args.guidance_scale > 1.0;

@@ -17,6 +17,10 @@ pub struct Cli {
     #[arg(long, env = "T2I_LOG", default_value = "warn", global = true)]
     pub log: String,
 
+    /// Log format: `text` or `json` (one object per line).
+    #[arg(long, env = "T2I_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: String,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -27,6 +31,10 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure load, per-step and end-to-end speed and memory for a model, device and dtype.
     Bench(crate::bench::BenchArgs),
+    /// Consume jobs from RabbitMQ, render, store in S3 or a folder, publish events.
+    Worker(WorkerArgs),
+    /// Write the JSON Schemas of the message contract (generated from the Rust types).
+    Schemas(SchemasArgs),
 }
 
 /// Where the model comes from and how it runs.
@@ -133,3 +141,102 @@ pub struct GenerateArgs {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
+
+#[derive(Debug, Args)]
+pub struct SchemasArgs {
+    /// Output folder.
+    #[arg(long, default_value = "schemas")]
+    pub out: PathBuf,
+}
+
+/// Broker settings shared by the worker and the clients.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// AMQP URL of RabbitMQ.
+    #[arg(
+        long,
+        env = "T2I_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name (`t2i` → `t2i.jobs`, `t2i.events`, ...).
+    #[arg(long, env = "T2I_AMQP_PREFIX", default_value = "t2i")]
+    pub amqp_prefix: String,
+
+    /// Deliveries of one job before it is dead-lettered (quorum `x-delivery-limit`; also the number of
+    /// attempts for transient failures).
+    #[arg(long, env = "T2I_DELIVERY_LIMIT", default_value_t = 5)]
+    pub delivery_limit: u32,
+
+    /// Delays before retry attempts 2, 3, ... in seconds (one retry queue each; the last repeats).
+    #[arg(
+        long,
+        env = "T2I_RETRY_DELAYS",
+        default_value = "1,4,16,64",
+        value_delimiter = ','
+    )]
+    pub retry_delays: Vec<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Where images go: `s3://bucket/prefix`, `file:///path` or a folder.
+    #[arg(long, env = "T2I_STORAGE", default_value = "./outputs")]
+    pub storage: String,
+
+    /// S3 path-style addressing [default: on when AWS_ENDPOINT_URL is set].
+    #[arg(long, env = "T2I_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: Option<bool>,
+
+    /// Most images rendered in one device batch.
+    #[arg(long, env = "T2I_MAX_BATCH", default_value_t = 4)]
+    pub max_batch: u32,
+
+    /// How long a partial batch waits for compatible jobs, in milliseconds.
+    #[arg(long, env = "T2I_BATCH_WINDOW_MS", default_value_t = 50)]
+    pub batch_window_ms: u64,
+
+    /// Unacknowledged deliveries per queue [default: 2 × max batch, so the next batch is ready while
+    /// the previous one uploads].
+    #[arg(long, env = "T2I_PREFETCH")]
+    pub prefetch: Option<u16>,
+
+    /// This worker's name in events and connection names [default: hostname-pid].
+    #[arg(long, env = "T2I_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Address for /healthz, /readyz and /metrics (e.g. 0.0.0.0:9090); off when unset.
+    #[arg(long, env = "T2I_HTTP_ADDR")]
+    pub http_addr: Option<std::net::SocketAddr>,
+
+    /// A batch running longer than this fails its jobs with `timeout`, in seconds.
+    #[arg(long, env = "T2I_JOB_TIMEOUT_S", default_value_t = 600)]
+    pub job_timeout_s: u64,
+
+    /// After SIGTERM/SIGINT, how long in-flight work may take to finish, in seconds.
+    #[arg(long, env = "T2I_GRACE_PERIOD_S", default_value_t = 60)]
+    pub grace_period_s: u64,
+
+    /// Minimum interval between two job.progress events of a job, in milliseconds.
+    #[arg(long, env = "T2I_PROGRESS_INTERVAL_MS", default_value_t = 1000)]
+    pub progress_interval_ms: u64,
+
+    /// Smallest accepted width/height.
+    #[arg(long, env = "T2I_MIN_SIDE", default_value_t = 64)]
+    pub min_side: u32,
+
+    /// Largest accepted width/height.
+    #[arg(long, env = "T2I_MAX_SIDE", default_value_t = 2048)]
+    pub max_side: u32,
+
+    /// Largest accepted width × height.
+    #[arg(long, env = "T2I_MAX_PIXELS", default_value_t = 2048 * 2048)]
+    pub max_pixels: u64,
+}

@@ -129,3 +129,70 @@ impl LoadError {
         }
     }
 }
+
+/// Broker flags → topology.
+pub fn topology(args: &crate::cli::BrokerArgs) -> Result<crate::queue::Topology, UsageError> {
+    if args.amqp_prefix.is_empty() || args.amqp_prefix.len() > 100 {
+        return Err(UsageError(
+            "--amqp-prefix must be 1 to 100 characters".into(),
+        ));
+    }
+    if args.retry_delays.is_empty() || args.retry_delays.iter().any(|d| !d.is_finite() || *d < 0.0)
+    {
+        return Err(UsageError(
+            "--retry-delays must be non-negative seconds, e.g. 1,4,16".into(),
+        ));
+    }
+    Ok(crate::queue::Topology {
+        prefix: args.amqp_prefix.clone(),
+        delivery_limit: args.delivery_limit.max(1),
+        retry_delays: args
+            .retry_delays
+            .iter()
+            .map(|&s| Duration::from_secs_f64(s))
+            .collect(),
+    })
+}
+
+/// `t2i worker` flags → `WorkerConfig`.
+pub fn worker_config(
+    args: &crate::cli::WorkerArgs,
+) -> Result<crate::worker::WorkerConfig, UsageError> {
+    if args.max_batch == 0 {
+        return Err(UsageError("--max-batch must be at least 1".into()));
+    }
+    let limits = crate::job::Limits {
+        min_side: args.min_side,
+        max_side: args.max_side,
+        max_pixels: args.max_pixels,
+        ..crate::job::Limits::default()
+    };
+    let worker_id = args.worker_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "worker".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let prefetch = args
+        .prefetch
+        .unwrap_or_else(|| (args.max_batch.saturating_mul(2)).min(u16::MAX as u32) as u16)
+        .max(1);
+    Ok(crate::worker::WorkerConfig {
+        amqp_url: args.broker.amqp_url.clone(),
+        topology: topology(&args.broker)?,
+        storage: args.storage.clone(),
+        force_path_style: args.s3_force_path_style,
+        model: ModelConfig::from_args(&args.model)?,
+        limits,
+        max_batch: args.max_batch,
+        batch_window: Duration::from_millis(args.batch_window_ms),
+        prefetch,
+        worker_id,
+        http_addr: args.http_addr,
+        job_timeout: Duration::from_secs(args.job_timeout_s.max(1)),
+        grace_period: Duration::from_secs(args.grace_period_s),
+        progress_interval: Duration::from_millis(args.progress_interval_ms),
+    })
+}

@@ -14,10 +14,13 @@ use std::io::Cursor;
 
 use ::image::{ImageEncoder, RgbImage};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     Png,
+    #[serde(alias = "jpg")]
     Jpeg,
     Webp,
 }

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::pipeline::{ImageSpec, SchedulerKind};
 
+pub mod message;
+pub use message::{Job, JobId, JobRequest, OutputSpec, parse_job_body};
+
 /// Generation parameters as they arrive. Absent fields take the model's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,15 +91,20 @@ impl Default for ModelDefaults {
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize)]
 #[error("invalid `{field}`: {value} ({reason})")]
 pub struct Rejection {
-    pub field: &'static str,
+    /// The JSON path of the offending field (`width`, `output.quality`), or `body` for the whole message.
+    pub field: String,
     pub value: String,
     pub reason: String,
 }
 
 impl Rejection {
-    fn new(field: &'static str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+    pub fn new(
+        field: impl Into<String>,
+        value: impl std::fmt::Display,
+        reason: impl Into<String>,
+    ) -> Self {
         Self {
-            field,
+            field: field.into(),
             value: value.to_string(),
             reason: reason.into(),
         }
@@ -237,7 +245,7 @@ impl Generation {
 }
 
 fn side(field: &'static str, v: u32, limits: &Limits) -> Result<u32, Rejection> {
-    if v % 8 != 0 {
+    if !v.is_multiple_of(8) {
         // The VAE maps 8×8 pixels to one latent pixel (vae_scale_factor = 8).
         return Err(Rejection::new(field, v, "must be a multiple of 8"));
     }

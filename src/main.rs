@@ -21,10 +21,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&cli.log);
+    init_logging(&cli.log, &cli.log_format);
     let result = match cli.command {
         Command::Generate(args) => t2i_worker::generate::run(args),
         Command::Bench(args) => t2i_worker::bench::run(args),
+        Command::Worker(args) => run_worker(args),
+        Command::Schemas(args) => t2i_worker::schemas::write(&args.out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -40,11 +42,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+fn run_worker(args: t2i_worker::cli::WorkerArgs) -> anyhow::Result<()> {
+    let cfg = t2i_worker::config::worker_config(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = t2i_worker::shutdown::on_signals();
+        t2i_worker::worker::run(cfg, shutdown).await
+    })
+}
+
+fn init_logging(filter: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if format.eq_ignore_ascii_case("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

@@ -13,6 +13,7 @@ pub mod clip;
 pub mod config;
 pub mod cost;
 pub mod denoise;
+pub mod runner;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;

@@ -1,0 +1,229 @@
+//! Publishing with publisher confirms: job events on `{p}.events` (terminal ones persistent,
+//! `mandatory` and awaited; progress transient and not awaited), replies to `reply_to`, delayed
+//! retries into the TTL'd retry queues, and jobs (for `enqueue` and tests).
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+
+use super::{ATTEMPT_HEADER, Lane, Topology};
+use crate::events::{CloudEvent, EventKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused (nack) {0}")]
+    Nacked(String),
+}
+
+/// What happened to a confirmed publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Stored by the broker and routed to at least one queue.
+    Routed,
+    /// Confirmed, but no queue was bound for it (returned as unroutable).
+    Unroutable,
+}
+
+/// A publisher-confirm channel. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    topology: Topology,
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+impl Publisher {
+    pub async fn open(conn: &Connection, topology: &Topology) -> lapin::Result<Self> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            channel,
+            topology: topology.clone(),
+        })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    async fn confirmed(
+        &self,
+        exchange: &str,
+        key: &str,
+        mandatory: bool,
+        body: &[u8],
+        props: BasicProperties,
+        what: &str,
+    ) -> Result<Delivered, QueueError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Delivered::Routed),
+            Confirmation::Ack(Some(_)) => Ok(Delivered::Unroutable),
+            Confirmation::Nack(_) => Err(QueueError::Nacked(what.to_string())),
+        }
+    }
+
+    /// Publishes a job event. Terminal events are persistent, mandatory and confirmed before this
+    /// returns; progress events are transient and not awaited (they are throttled hints).
+    pub async fn event(
+        &self,
+        event: &CloudEvent,
+        kind: EventKind,
+    ) -> Result<Delivered, QueueError> {
+        let body = event.to_json();
+        let props = BasicProperties::default()
+            .with_content_type("application/cloudevents+json".into())
+            .with_message_id(event.id.as_str().into())
+            .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp() as u64)
+            .with_type(event.kind.as_str().into());
+        let exchange = self.topology.events_exchange();
+        if kind == EventKind::Progress {
+            self.channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    kind.routing_key().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props.with_delivery_mode(1),
+                )
+                .await?;
+            return Ok(Delivered::Routed);
+        }
+        self.confirmed(
+            &exchange,
+            kind.routing_key(),
+            kind.is_terminal(),
+            &body,
+            props.with_delivery_mode(2),
+            &format!("event {} for {}", kind.routing_key(), event.subject),
+        )
+        .await
+    }
+
+    /// The terminal event to the job's `reply_to` queue (default exchange), with its correlation id.
+    pub async fn reply(
+        &self,
+        reply_to: &str,
+        correlation_id: Option<&str>,
+        event: &CloudEvent,
+    ) -> Result<Delivered, QueueError> {
+        let mut props = BasicProperties::default()
+            .with_content_type("application/cloudevents+json".into())
+            .with_message_id(event.id.as_str().into());
+        if let Some(c) = correlation_id {
+            props = props.with_correlation_id(c.into());
+        }
+        self.confirmed("", reply_to, false, &event.to_json(), props, "reply")
+            .await
+    }
+
+    /// Re-publishes a job body into the retry queue for `attempt` (the attempt that failed), carrying
+    /// the next attempt number; the queue's TTL dead-letters it back to the lane's job queue.
+    pub async fn retry(
+        &self,
+        lane: Lane,
+        failed_attempt: u32,
+        body: &[u8],
+        original: &BasicProperties,
+    ) -> Result<(), QueueError> {
+        let level = self.topology.retry_level(failed_attempt);
+        let mut headers = original.headers().clone().unwrap_or_default();
+        headers.insert(
+            ATTEMPT_HEADER.into(),
+            AMQPValue::LongUInt(failed_attempt + 1),
+        );
+        let mut props = persistent().with_headers(headers);
+        for (set, value) in [
+            (original.message_id(), 0),
+            (original.reply_to(), 1),
+            (original.correlation_id(), 2),
+            (original.content_type(), 3),
+        ] {
+            if let Some(v) = set {
+                let v: ShortString = v.clone();
+                props = match value {
+                    0 => props.with_message_id(v),
+                    1 => props.with_reply_to(v),
+                    2 => props.with_correlation_id(v),
+                    _ => props.with_content_type(v),
+                };
+            }
+        }
+        if let Some(ts) = original.timestamp() {
+            props = props.with_timestamp(*ts);
+        }
+        let queue = self.topology.retry_queue(lane, level);
+        self.confirmed("", &queue, true, body, props, "retry")
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes a job (persistent, `message_id` = job id) on a lane. Used by `enqueue` and tests.
+    pub async fn job(
+        &self,
+        lane: Lane,
+        job_id: &str,
+        body: &[u8],
+        extra: Option<BasicProperties>,
+    ) -> Result<Delivered, QueueError> {
+        let props = extra
+            .unwrap_or_default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(job_id.into())
+            .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp() as u64);
+        self.confirmed(
+            &self.topology.jobs_exchange(),
+            lane.routing_key(),
+            true,
+            body,
+            props,
+            "job",
+        )
+        .await
+    }
+}
+
+/// The attempt number a delivery carries (1 when absent).
+pub fn attempt_of(props: &BasicProperties) -> u32 {
+    let value = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(ATTEMPT_HEADER).cloned());
+    match value {
+        Some(AMQPValue::LongUInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => n.max(1) as u32,
+        Some(AMQPValue::LongLongInt(n)) => n.max(1) as u32,
+        Some(AMQPValue::ShortUInt(n)) => n as u32,
+        _ => 1,
+    }
+}
+
+/// Table helper for tests and callers that add headers.
+pub fn headers(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}

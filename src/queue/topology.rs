@@ -1,0 +1,233 @@
+//! Every exchange and queue name, and their idempotent declaration (DESIGN.md §2 "Topology"). All
+//! names derive from one prefix (`t2i` by default) so that several deployments, or tests, share a
+//! broker without interfering.
+//!
+//! ```text
+//! {p}.jobs (direct) ──interactive──▶ {p}.jobs       (quorum, delivery limit, DLX {p}.dlx)
+//!                   └────bulk──────▶ {p}.jobs.bulk  (quorum, delivery limit, DLX {p}.dlx)
+//! {p}.jobs.retry.{lane}.{n} (quorum, TTL 1s·4ⁿ) ──dead-letter──▶ {p}.jobs with the lane's key
+//! {p}.dlx (fanout) ──▶ {p}.jobs.dead (quorum)
+//! {p}.events (topic: job.started|progress|succeeded|failed|expired|canceled)
+//! {p}.control (fanout) ──▶ one exclusive queue per worker
+//! ```
+//! Delayed retry uses TTL'd queues that dead-letter back to the job exchange, so it needs no broker
+//! plugin and works from RabbitMQ 3.10 (quorum queues with message TTL) through 4.x.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+/// Which job queue a message came from. Interactive jobs are served before bulk ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    Interactive,
+    Bulk,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Interactive, Lane::Bulk];
+
+    /// The routing key on the job exchange.
+    pub fn routing_key(self) -> &'static str {
+        match self {
+            Self::Interactive => "interactive",
+            Self::Bulk => "bulk",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    pub prefix: String,
+    /// Quorum-queue `x-delivery-limit`: deliveries (crashes included) before the broker dead-letters.
+    pub delivery_limit: u32,
+    /// Delay before retry attempt n+1 (one retry queue per entry and lane).
+    pub retry_delays: Vec<Duration>,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self {
+            prefix: "t2i".into(),
+            delivery_limit: 5,
+            retry_delays: [1, 4, 16, 64]
+                .iter()
+                .map(|&s| Duration::from_secs(s))
+                .collect(),
+        }
+    }
+}
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+impl Topology {
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+
+    pub fn queue(&self, lane: Lane) -> String {
+        match lane {
+            Lane::Interactive => format!("{}.jobs", self.prefix),
+            Lane::Bulk => format!("{}.jobs.bulk", self.prefix),
+        }
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+
+    pub fn dead_queue(&self) -> String {
+        format!("{}.jobs.dead", self.prefix)
+    }
+
+    pub fn retry_queue(&self, lane: Lane, level: usize) -> String {
+        format!("{}.jobs.retry.{}.{level}", self.prefix, lane.routing_key())
+    }
+
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
+    /// The retry queue for a job that failed attempt `attempt` (1-based).
+    pub fn retry_level(&self, attempt: u32) -> usize {
+        (attempt.saturating_sub(1) as usize).min(self.retry_delays.len().saturating_sub(1))
+    }
+
+    /// Arguments of the two job queues (also written into `infra/` definitions).
+    pub fn job_queue_arguments(&self) -> FieldTable {
+        table(&[
+            ("x-queue-type", text("quorum")),
+            (
+                "x-delivery-limit",
+                AMQPValue::LongInt(self.delivery_limit as i32),
+            ),
+            ("x-dead-letter-exchange", text(&self.dead_letter_exchange())),
+        ])
+    }
+
+    /// Declares everything; safe to run from every worker and client at every connect.
+    pub async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let none = FieldTable::default;
+        ch.exchange_declare(
+            self.jobs_exchange().as_str().into(),
+            ExchangeKind::Direct,
+            durable,
+            none(),
+        )
+        .await?;
+        ch.exchange_declare(
+            self.dead_letter_exchange().as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            none(),
+        )
+        .await?;
+        ch.exchange_declare(
+            self.events_exchange().as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            none(),
+        )
+        .await?;
+        ch.exchange_declare(
+            self.control_exchange().as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            none(),
+        )
+        .await?;
+        let durable_q = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for lane in Lane::ALL {
+            let q = self.queue(lane);
+            ch.queue_declare(q.as_str().into(), durable_q, self.job_queue_arguments())
+                .await?;
+            ch.queue_bind(
+                q.as_str().into(),
+                self.jobs_exchange().as_str().into(),
+                lane.routing_key().into(),
+                QueueBindOptions::default(),
+                none(),
+            )
+            .await?;
+            for (level, delay) in self.retry_delays.iter().enumerate() {
+                let args = table(&[
+                    ("x-queue-type", text("quorum")),
+                    (
+                        "x-message-ttl",
+                        AMQPValue::LongInt(delay.as_millis() as i32),
+                    ),
+                    ("x-dead-letter-exchange", text(&self.jobs_exchange())),
+                    ("x-dead-letter-routing-key", text(lane.routing_key())),
+                ]);
+                ch.queue_declare(
+                    self.retry_queue(lane, level).as_str().into(),
+                    durable_q,
+                    args,
+                )
+                .await?;
+            }
+        }
+        let dead = self.dead_queue();
+        ch.queue_declare(
+            dead.as_str().into(),
+            durable_q,
+            table(&[("x-queue-type", text("quorum"))]),
+        )
+        .await?;
+        ch.queue_bind(
+            dead.as_str().into(),
+            self.dead_letter_exchange().as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            none(),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_design() {
+        let t = Topology::default();
+        assert_eq!(t.queue(Lane::Interactive), "t2i.jobs");
+        assert_eq!(t.queue(Lane::Bulk), "t2i.jobs.bulk");
+        assert_eq!(t.dead_queue(), "t2i.jobs.dead");
+        assert_eq!(t.retry_queue(Lane::Bulk, 2), "t2i.jobs.retry.bulk.2");
+        assert_eq!(t.events_exchange(), "t2i.events");
+    }
+
+    #[test]
+    fn retry_levels_back_off_and_saturate() {
+        let t = Topology::default();
+        let levels: Vec<usize> = (1..=6).map(|a| t.retry_level(a)).collect();
+        assert_eq!(levels, vec![0, 1, 2, 3, 3, 3]);
+    }
+}

@@ -1,0 +1,165 @@
+//! Where images and `result.json` go: an S3-compatible bucket (`s3://bucket/prefix`) or a local folder
+//! (`file:///path`, or a plain path; the default is `./outputs`), behind the [`ImageStore`] trait.
+//!
+//! Keys are deterministic (`{prefix}{key_prefix}{job_id}/{index}.{ext}` and `…/result.json`,
+//! [`ObjectKey`]), so a redelivered job overwrites its own objects instead of duplicating them. This
+//! module does not know about queues or events.
+
+mod local;
+mod s3;
+
+use std::future::Future;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+pub use local::LocalStore;
+pub use s3::S3Store;
+
+use crate::job::JobId;
+
+/// Deterministic object keys for a job (DESIGN.md §2 "Stored images").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectKey;
+
+impl ObjectKey {
+    pub fn image(key_prefix: &str, job: &JobId, index: u32, ext: &str) -> String {
+        format!("{key_prefix}{job}/{index}.{ext}")
+    }
+
+    pub fn result(key_prefix: &str, job: &JobId) -> String {
+        format!("{key_prefix}{job}/result.json")
+    }
+}
+
+/// What a successful put returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredObject {
+    pub bucket: Option<String>,
+    /// The full key, store prefix included.
+    pub key: String,
+    pub url: Option<String>,
+    pub url_expires_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage URL `{0}`: expected s3://bucket[/prefix], file:///path or a folder")]
+    BadUrl(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("S3 {op} s3://{bucket}/{key}: {message}")]
+    S3 {
+        op: &'static str,
+        bucket: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl StorageError {
+    /// Transient (network, 5xx, throttling): worth a delayed retry. Bad URLs are not.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::BadUrl(_))
+    }
+}
+
+/// An object store for generated images.
+pub trait ImageStore: Send + Sync + 'static {
+    /// Writes `body` at `key` (under the store's own prefix) and returns where it is, with a
+    /// presigned GET URL valid for `url_ttl` where the store supports them.
+    fn put(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        metadata: &[(String, String)],
+        url_ttl: Duration,
+    ) -> impl Future<Output = Result<StoredObject, StorageError>> + Send;
+
+    /// Reads `key`, `None` when it does not exist.
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StorageError>> + Send;
+
+    /// `s3://bucket/prefix` or `file:///path`, for logs.
+    fn describe(&self) -> String;
+}
+
+/// The configured store, chosen from `T2I_STORAGE`.
+pub enum Store {
+    Local(LocalStore),
+    S3(Box<S3Store>),
+}
+
+impl Store {
+    /// `s3://bucket[/prefix]`, `file:///path` or a plain folder path. `force_path_style` overrides the
+    /// default (path-style addressing whenever `AWS_ENDPOINT_URL` is set).
+    pub async fn open(url: &str, force_path_style: Option<bool>) -> Result<Self, StorageError> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(StorageError::BadUrl(url.into()));
+            }
+            let mut prefix = prefix.to_string();
+            if !prefix.is_empty() && !prefix.ends_with('/') {
+                prefix.push('/');
+            }
+            return Ok(Self::S3(Box::new(
+                S3Store::from_env(bucket, &prefix, force_path_style).await,
+            )));
+        }
+        let path = url.strip_prefix("file://").unwrap_or(url);
+        if path.is_empty() || url.contains("://") && !url.starts_with("file://") {
+            return Err(StorageError::BadUrl(url.into()));
+        }
+        Ok(Self::Local(LocalStore::new(path)))
+    }
+}
+
+impl ImageStore for Store {
+    async fn put(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        metadata: &[(String, String)],
+        url_ttl: Duration,
+    ) -> Result<StoredObject, StorageError> {
+        match self {
+            Self::Local(s) => s.put(key, body, content_type, metadata, url_ttl).await,
+            Self::S3(s) => s.put(key, body, content_type, metadata, url_ttl).await,
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        match self {
+            Self::Local(s) => s.get(key).await,
+            Self::S3(s) => s.get(key).await,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Local(s) => s.describe(),
+            Self::S3(s) => s.describe(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_deterministic() {
+        let id = JobId::parse("job-1").unwrap();
+        assert_eq!(
+            ObjectKey::image("datasets/wolves/", &id, 0, "png"),
+            "datasets/wolves/job-1/0.png"
+        );
+        assert_eq!(ObjectKey::result("", &id), "job-1/result.json");
+    }
+}

@@ -1,0 +1,465 @@
+//! Shared harness for tests against the real RabbitMQ (127.0.0.1:5672 or `T2I_AMQP_URL`) and Garage
+//! (started idempotently through `scripts/garage.sh`): a unique name prefix per test, a `t2i worker`
+//! child process on the tiny SSD-1B fixture, an event collector, and S3 checks.
+//!
+//! Tests that stop or restart shared servers run one at a time (`serial()`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use t2i_worker::events::CloudEvent;
+use t2i_worker::queue::{Lane, Publisher, Topology};
+
+use crate::support::model_dir;
+
+/// An async mutex: each test has its own runtime, and the guard is held across awaits.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Broker/storage tests hold this for their whole run.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("T2I_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts Garage if needed and puts its client settings into this process's environment.
+pub fn garage_env() -> Vec<(String, String)> {
+    static ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let out = Command::new(repo().join("scripts/garage.sh"))
+            .arg("start")
+            .output()
+            .expect("running scripts/garage.sh start");
+        assert!(
+            out.status.success(),
+            "Garage did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let vars: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in &vars {
+            // SAFETY-free: tests set process env once, before any S3 client is built.
+            unsafe { std::env::set_var(k, v) };
+        }
+        vars
+    })
+    .clone()
+}
+
+pub fn garage(cmd: &str) {
+    let ok = Command::new(repo().join("scripts/garage.sh"))
+        .arg(cmd)
+        .stdout(Stdio::null())
+        .status()
+        .expect("scripts/garage.sh")
+        .success();
+    assert!(ok, "garage.sh {cmd} failed");
+}
+
+pub fn rabbitmqctl(args: &[&str]) {
+    let ok = Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("rabbitmqctl")
+        .success();
+    assert!(ok, "rabbitmqctl {args:?} failed");
+}
+
+pub fn bucket() -> String {
+    std::env::var("T2I_TEST_BUCKET").unwrap_or_else(|_| "t2i".into())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One test's world: its own exchange/queue prefix and S3 prefix.
+pub struct World {
+    pub prefix: String,
+    pub topology: Topology,
+    pub env: Vec<(String, String)>,
+    pub conn: lapin::Connection,
+    pub publisher: Publisher,
+    events_queue: String,
+    events: lapin::Consumer,
+    pub seen: Vec<CloudEvent>,
+}
+
+impl World {
+    pub async fn new(name: &str) -> Self {
+        Self::with_retry_delays(name, &[1, 2, 4, 8]).await
+    }
+
+    /// A world whose retry queues wait `delays` seconds (the worker is started with the same).
+    pub async fn with_retry_delays(name: &str, delays: &[u64]) -> Self {
+        let env = garage_env();
+        let prefix = format!(
+            "t2it-{name}-{}",
+            &uuid::Uuid::now_v7().simple().to_string()[20..]
+        );
+        let topology = Topology {
+            prefix: prefix.clone(),
+            delivery_limit: 5,
+            retry_delays: delays.iter().map(|&s| Duration::from_secs(s)).collect(),
+        };
+        let conn = t2i_worker::queue::connect(&amqp_url(), "t2i-tests")
+            .await
+            .expect("RabbitMQ is up");
+        let publisher = Publisher::open(&conn, &topology).await.unwrap();
+        topology.declare(publisher.channel()).await.unwrap();
+        let events_queue = format!("{prefix}.test-events");
+        let (events, _) = Self::bind_events(&conn, &topology, &events_queue).await;
+        Self {
+            prefix,
+            topology,
+            env,
+            conn,
+            publisher,
+            events_queue,
+            events,
+            seen: Vec::new(),
+        }
+    }
+
+    /// A durable queue of every event (survives a broker restart).
+    async fn bind_events(
+        conn: &lapin::Connection,
+        t: &Topology,
+        queue: &str,
+    ) -> (lapin::Consumer, lapin::Channel) {
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            queue.into(),
+            t.events_exchange().as_str().into(),
+            "job.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let consumer = ch
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (consumer, ch)
+    }
+
+    /// Reconnects the test's own connection (after a broker restart).
+    pub async fn reconnect(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let conn = loop {
+            match t2i_worker::queue::connect(&amqp_url(), "t2i-tests").await {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                Err(e) => panic!("RabbitMQ did not come back: {e}"),
+            }
+        };
+        self.publisher = Publisher::open(&conn, &self.topology).await.unwrap();
+        let (events, _) = Self::bind_events(&conn, &self.topology, &self.events_queue).await;
+        self.events = events;
+        self.conn = conn;
+    }
+
+    pub fn storage(&self) -> String {
+        format!("s3://{}/{}/", bucket(), self.prefix)
+    }
+
+    pub async fn publish(&self, lane: Lane, job_id: &str, body: &[u8]) {
+        self.publisher
+            .job(lane, job_id, body, None)
+            .await
+            .expect("publish");
+    }
+
+    /// Publishes a raw body with an optional message id (malformed-message tests).
+    pub async fn publish_raw(&self, body: &[u8], message_id: Option<&str>) {
+        let mut props = lapin::BasicProperties::default().with_delivery_mode(2);
+        if let Some(m) = message_id {
+            props = props.with_message_id(m.into());
+        }
+        self.publisher
+            .channel()
+            .basic_publish(
+                self.topology.jobs_exchange().as_str().into(),
+                "interactive".into(),
+                Default::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Collects events until `done` says so or `timeout` passes.
+    pub async fn collect_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[CloudEvent]) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match tokio::time::timeout(left, self.events.next()).await {
+                Ok(Some(Ok(d))) => {
+                    let _ = d.ack(BasicAckOptions::default()).await;
+                    if let Ok(e) = serde_json::from_slice::<CloudEvent>(&d.data) {
+                        self.seen.push(e);
+                    }
+                }
+                Ok(Some(Err(_))) | Ok(None) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Terminal events by job id (deduplicated by event id).
+    pub fn terminal(&self) -> BTreeMap<String, Vec<CloudEvent>> {
+        let mut by_job: BTreeMap<String, Vec<CloudEvent>> = BTreeMap::new();
+        let mut ids = std::collections::HashSet::new();
+        for e in &self.seen {
+            let terminal = !e.kind.ends_with(".started") && !e.kind.ends_with(".progress");
+            if terminal && ids.insert(e.id.clone()) {
+                by_job.entry(e.subject.clone()).or_default().push(e.clone());
+            }
+        }
+        by_job
+    }
+
+    pub fn count_terminal_deliveries(&self, job: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|e| {
+                e.subject == job && !e.kind.ends_with(".started") && !e.kind.ends_with(".progress")
+            })
+            .count()
+    }
+
+    pub async fn message_count(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        q.message_count()
+    }
+
+    /// Deletes this test's queues (exchanges are cheap and left).
+    pub async fn cleanup(self) {
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut queues = vec![self.events_queue.clone(), self.topology.dead_queue()];
+        for lane in Lane::ALL {
+            queues.push(self.topology.queue(lane));
+            for level in 0..self.topology.retry_delays.len() {
+                queues.push(self.topology.retry_queue(lane, level));
+            }
+        }
+        for q in queues {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+}
+
+/// A `t2i worker` process serving `world` with the tiny SSD-1B fixture.
+pub struct WorkerProc {
+    pub child: Child,
+    pub http_port: u16,
+    pub id: String,
+}
+
+impl WorkerProc {
+    pub fn spawn(world: &World, id: &str, extra: &[&str]) -> Self {
+        let http_port = free_port();
+        let model = model_dir("ssd-1b-tiny");
+        let log = std::env::temp_dir().join(format!("{}-{id}.log", world.prefix));
+        let delays: Vec<String> = world
+            .topology
+            .retry_delays
+            .iter()
+            .map(|d| d.as_secs().to_string())
+            .collect();
+        let delays = delays.join(",");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_t2i"));
+        cmd.args([
+            "worker",
+            "--model",
+            model.to_str().unwrap(),
+            "--amqp-url",
+            &amqp_url(),
+            "--amqp-prefix",
+            &world.prefix,
+            "--retry-delays",
+            &delays,
+            "--storage",
+            &world.storage(),
+            "--min-side",
+            "32",
+            "--worker-id",
+            id,
+            "--http-addr",
+            &format!("127.0.0.1:{http_port}"),
+            "--log",
+            "info",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in &world.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawning t2i worker");
+        let w = Self {
+            child,
+            http_port,
+            id: id.to_string(),
+        };
+        w.wait_ready(Duration::from_secs(60));
+        w
+    }
+
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some((200, _)) = self.http_get("/readyz") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("worker {} not ready within {timeout:?}", self.id);
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill9();
+        None
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// An S3 client for checks, from the Garage environment.
+pub async fn s3() -> aws_sdk_s3::Client {
+    garage_env();
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&conf)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+pub async fn get_object(
+    client: &aws_sdk_s3::Client,
+    key: &str,
+) -> Option<(Vec<u8>, Option<String>, HashMap<String, String>)> {
+    let out = client
+        .get_object()
+        .bucket(bucket())
+        .key(key)
+        .send()
+        .await
+        .ok()?;
+    let ct = out.content_type().map(str::to_string);
+    let meta = out.metadata().cloned().unwrap_or_default();
+    let body = out.body.collect().await.ok()?.into_bytes().to_vec();
+    Some((body, ct, meta))
+}
