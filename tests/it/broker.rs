@@ -344,8 +344,6 @@ impl WorkerProc {
             &world.prefix,
             "--retry-delays",
             &delays,
-            "--storage",
-            &world.storage(),
             "--min-side",
             "32",
             "--worker-id",
@@ -355,6 +353,11 @@ impl WorkerProc {
             "--log",
             "info",
         ])
+        .args(if extra.contains(&"--storage") {
+            vec![]
+        } else {
+            vec!["--storage".to_string(), world.storage()]
+        })
         .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());

@@ -492,3 +492,254 @@ async fn two_workers_share_one_queue_and_each_result_appears_once_then_stop_clea
     assert_eq!(w2.terminate(), Some(0), "SIGTERM exits 0");
     world.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_reply_to_reannouncement_and_cancellation_follow_the_contract() {
+    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let _g = serial().await;
+    let mut world = World::new("contract").await;
+    let worker = WorkerProc::spawn(
+        &world,
+        "w1",
+        &["--max-batch", "1", "--batch-window-ms", "0"],
+    );
+
+    // 1. A job whose deadline has passed is expired, not rendered.
+    let expired = serde_json::json!({"job_id": "late", "prompt": "x", "width": 32, "height": 32,
+        "deadline": "2001-01-01T00:00:00Z"});
+    world
+        .publish(Lane::Interactive, "late", expired.to_string().as_bytes())
+        .await;
+
+    // 2. reply_to + correlation_id get the terminal event.
+    let ch = world.conn.create_channel().await.unwrap();
+    let reply_q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut replies = ch
+        .basic_consume(
+            reply_q.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let props = lapin::BasicProperties::default()
+        .with_reply_to(reply_q.name().clone())
+        .with_correlation_id("corr-1".into());
+    world
+        .publisher
+        .job(
+            Lane::Interactive,
+            "asked",
+            &job("asked", 32, 32, 1, "euler", 5, 1),
+            Some(props),
+        )
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::StreamExt::next(&mut replies),
+    )
+    .await
+    .expect("a reply")
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        reply
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str()),
+        Some("corr-1")
+    );
+    let reply_event: CloudEvent = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(reply_event.kind, "t2i.job.succeeded");
+    assert_eq!(reply_event.subject, "asked");
+
+    // 3. The same job again: result.json exists, so it is re-announced with the same event id.
+    world
+        .publish(
+            Lane::Interactive,
+            "asked",
+            &job("asked", 32, 32, 1, "euler", 5, 1),
+        )
+        .await;
+    let twice = |seen: &[CloudEvent]| {
+        seen.iter()
+            .filter(|e| succeeded(e) && e.subject == "asked")
+            .count()
+            >= 2
+    };
+    assert!(world.collect_until(Duration::from_secs(60), twice).await);
+    let asked: Vec<&CloudEvent> = world
+        .seen
+        .iter()
+        .filter(|e| succeeded(e) && e.subject == "asked")
+        .collect();
+    assert_eq!(
+        asked[0].id, asked[1].id,
+        "re-announcement keeps the event id"
+    );
+    assert_eq!(asked[0].data.images, asked[1].data.images);
+
+    // 4. A canceled batch: jobs waiting behind a long one are dropped with job.canceled.
+    world
+        .publish(
+            Lane::Interactive,
+            "long",
+            &job("long", 64, 64, 40, "euler", 1, 1),
+        )
+        .await;
+    for i in 0..3 {
+        let id = format!("c{i}");
+        let body = serde_json::json!({"job_id": id, "prompt": "x", "width": 32, "height": 32, "steps": 1,
+            "batch": {"id": "doomed", "index": i, "total": 3}});
+        world
+            .publish(Lane::Interactive, &id, body.to_string().as_bytes())
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    world
+        .publisher
+        .channel()
+        .basic_publish(
+            world.topology.control_exchange().as_str().into(),
+            "".into(),
+            Default::default(),
+            br#"{"cancel_batches": ["doomed"]}"#,
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    let ids: HashSet<String> = ["late", "long", "c0", "c1", "c2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert!(
+        world
+            .collect_until(Duration::from_secs(120), all_terminal(&ids))
+            .await
+    );
+    let terminal = world.terminal();
+    assert_eq!(terminal["late"][0].kind, "t2i.job.expired");
+    assert!(succeeded(&terminal["long"][0]));
+    for i in 0..3 {
+        assert_eq!(
+            terminal[&format!("c{i}")][0].kind,
+            "t2i.job.canceled",
+            "c{i}"
+        );
+    }
+    let (_, metrics) = worker.http_get("/metrics").unwrap();
+    assert!(
+        metrics.contains("t2i_jobs_total{outcome=\"reannounced\"} 1"),
+        "{metrics}"
+    );
+    drop(worker);
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_multipart_uploads_and_presigned_urls_work_against_garage() {
+    use t2i_worker::storage::{ImageStore, S3Store};
+    let _g = serial().await;
+    crate::broker::garage_env();
+    let prefix = format!(
+        "t2it-multipart-{}/",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    );
+    let store = S3Store::from_env(&crate::broker::bucket(), &prefix, Some(true))
+        .await
+        .with_multipart(5 * 1024 * 1024, 5 * 1024 * 1024);
+    let body: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let meta = vec![("job-id".to_string(), "big".to_string())];
+    let stored = store
+        .put(
+            "big.bin",
+            body.clone(),
+            "application/octet-stream",
+            &meta,
+            Duration::from_secs(300),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("big.bin").await.unwrap().as_deref(),
+        Some(&body[..])
+    );
+    assert_eq!(store.get("absent.bin").await.unwrap(), None);
+    // The presigned URL serves the object to a client without credentials.
+    let url = stored.url.unwrap();
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let head_end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&resp[..head_end]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(resp.len() - head_end - 4, body.len());
+    let client = s3().await;
+    let (_, ct, meta) = get_object(&client, &format!("{prefix}big.bin"))
+        .await
+        .unwrap();
+    assert_eq!(ct.as_deref(), Some("application/octet-stream"));
+    assert_eq!(meta.get("job-id").map(String::as_str), Some("big"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_folder_works_as_the_store() {
+    let _g = serial().await;
+    let mut world = World::new("local").await;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!("file://{}", dir.path().display());
+    let worker = WorkerProc::spawn(&world, "w1", &["--storage", &storage]);
+    world
+        .publish(
+            Lane::Interactive,
+            "l1",
+            &job("l1", 32, 32, 1, "euler", 9, 2),
+        )
+        .await;
+    let ids: HashSet<String> = ["l1".to_string()].into();
+    assert!(
+        world
+            .collect_until(Duration::from_secs(60), all_succeeded(&ids))
+            .await
+    );
+    for i in 0..2 {
+        let img = image::open(dir.path().join(format!("l1/{i}.png"))).unwrap();
+        assert_eq!((img.width(), img.height()), (32, 32));
+    }
+    assert!(dir.path().join("l1/result.json").exists());
+    let e = &world.terminal()["l1"][0];
+    assert!(
+        e.data.images[0]
+            .url
+            .as_deref()
+            .unwrap()
+            .starts_with("file://")
+    );
+    drop(worker);
+    world.cleanup().await;
+}
