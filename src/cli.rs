@@ -25,6 +25,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Generate images locally from prompts (no broker).
@@ -35,6 +37,44 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Write the JSON Schemas of the message contract (generated from the Rust types).
     Schemas(SchemasArgs),
+    /// Publish one job or a bulk set (JSONL, CSV, prompt list, template); optionally wait and write a
+    /// dataset manifest.
+    Enqueue(crate::enqueue::EnqueueArgs),
+    /// Relay job events to HTTP receivers, signed per the Standard Webhooks spec, with retries.
+    Webhooks(crate::webhooks::WebhooksArgs),
+    /// HTTP front door: POST /v1/jobs, GET /v1/jobs/{id}, POST /generate-image (waits for the result).
+    Gateway(crate::gateway::GatewayArgs),
+    /// Cancel jobs or whole batches: waiting jobs are dropped, running ones stop between steps.
+    Cancel(CancelArgs),
+    /// Exit 0 when a URL answers 200 (container HEALTHCHECK without curl in the image).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    /// Job ids to cancel.
+    pub job_ids: Vec<String>,
+
+    /// Batch id to cancel (every job whose `batch.id` it is); repeatable.
+    #[arg(long = "batch")]
+    pub batches: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// http:// URL to probe.
+    #[arg(
+        env = "T2I_HEALTHCHECK_URL",
+        default_value = "http://127.0.0.1:9090/healthz"
+    )]
+    pub url: String,
+
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 5)]
+    pub timeout_s: u64,
 }
 
 /// Where the model comes from and how it runs.
@@ -203,6 +243,16 @@ pub struct WorkerArgs {
     #[arg(long, env = "T2I_BATCH_WINDOW_MS", default_value_t = 50)]
     pub batch_window_ms: u64,
 
+    /// Job queues to consume: `interactive`, `bulk` or both (interactive first). A bulk-only pool can
+    /// scale to zero while interactive workers stay up.
+    #[arg(
+        long,
+        env = "T2I_LANES",
+        default_value = "interactive,bulk",
+        value_delimiter = ','
+    )]
+    pub lanes: Vec<String>,
+
     /// Unacknowledged deliveries per queue [default: 2 × max batch, so the next batch is ready while
     /// the previous one uploads].
     #[arg(long, env = "T2I_PREFETCH")]
@@ -228,6 +278,14 @@ pub struct WorkerArgs {
     #[arg(long, env = "T2I_PROGRESS_INTERVAL_MS", default_value_t = 1000)]
     pub progress_interval_ms: u64,
 
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Bounds on image sizes, shared by the worker and the clients that check jobs before publishing
+/// (same variables, so one deployment configuration applies to all).
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
     /// Smallest accepted width/height.
     #[arg(long, env = "T2I_MIN_SIDE", default_value_t = 64)]
     pub min_side: u32,
@@ -239,4 +297,15 @@ pub struct WorkerArgs {
     /// Largest accepted width × height.
     #[arg(long, env = "T2I_MAX_PIXELS", default_value_t = 2048 * 2048)]
     pub max_pixels: u64,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> crate::job::Limits {
+        crate::job::Limits {
+            min_side: self.min_side,
+            max_side: self.max_side,
+            max_pixels: self.max_pixels,
+            ..crate::job::Limits::default()
+        }
+    }
 }

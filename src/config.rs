@@ -161,12 +161,7 @@ pub fn worker_config(
     if args.max_batch == 0 {
         return Err(UsageError("--max-batch must be at least 1".into()));
     }
-    let limits = crate::job::Limits {
-        min_side: args.min_side,
-        max_side: args.max_side,
-        max_pixels: args.max_pixels,
-        ..crate::job::Limits::default()
-    };
+    let limits = args.limits.limits();
     let worker_id = args.worker_id.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
@@ -175,6 +170,25 @@ pub fn worker_config(
             .unwrap_or_else(|| "worker".into());
         format!("{host}-{}", std::process::id())
     });
+    let mut lanes = Vec::new();
+    for name in &args.lanes {
+        let lane = match name.trim() {
+            "interactive" => crate::queue::Lane::Interactive,
+            "bulk" => crate::queue::Lane::Bulk,
+            other => {
+                return Err(UsageError(format!(
+                    "--lanes: unknown lane `{other}` (expected interactive, bulk)"
+                )));
+            }
+        };
+        if !lanes.contains(&lane) {
+            lanes.push(lane);
+        }
+    }
+    if lanes.is_empty() {
+        return Err(UsageError("--lanes needs at least one lane".into()));
+    }
+    lanes.sort_by_key(|l| *l != crate::queue::Lane::Interactive);
     let prefetch = args
         .prefetch
         .unwrap_or_else(|| (args.max_batch.saturating_mul(2)).min(u16::MAX as u32) as u16)
@@ -188,6 +202,7 @@ pub fn worker_config(
         limits,
         max_batch: args.max_batch,
         batch_window: Duration::from_millis(args.batch_window_ms),
+        lanes,
         prefetch,
         worker_id,
         http_addr: args.http_addr,

@@ -20,11 +20,15 @@
 #![warn(clippy::dbg_macro, clippy::todo)]
 
 pub mod bench;
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod enqueue;
 pub mod events;
+pub mod gateway;
 pub mod generate;
+pub mod healthcheck;
 pub mod image;
 pub mod job;
 pub mod pipeline;
@@ -32,4 +36,5 @@ pub mod queue;
 pub mod schemas;
 pub mod shutdown;
 pub mod storage;
+pub mod webhooks;
 pub mod worker;

@@ -178,6 +178,21 @@ impl Publisher {
         Ok(())
     }
 
+    /// A control message (cancellations) to every running worker, through the fanout exchange.
+    /// `Unroutable` means no worker was listening.
+    pub async fn control(&self, body: &[u8]) -> Result<Delivered, QueueError> {
+        let props = persistent().with_content_type("application/json".into());
+        self.confirmed(
+            &self.topology.control_exchange(),
+            "",
+            true,
+            body,
+            props,
+            "control message",
+        )
+        .await
+    }
+
     /// Publishes a job (persistent, `message_id` = job id) on a lane. Used by `enqueue` and tests.
     pub async fn job(
         &self,

@@ -55,6 +55,8 @@ pub struct WorkerConfig {
     pub max_batch: u32,
     /// How long a partial batch waits for company.
     pub batch_window: Duration,
+    /// Job queues consumed, interactive first when both.
+    pub lanes: Vec<Lane>,
     /// Unacked deliveries per lane.
     pub prefetch: u16,
     pub worker_id: String,
@@ -257,7 +259,7 @@ async fn session(
     });
 
     let mut consumers = Vec::new();
-    for lane in Lane::ALL {
+    for &lane in &cfg.lanes {
         let ch = conn.create_channel().await?;
         ch.basic_qos(cfg.prefetch, BasicQosOptions::default())
             .await?;
@@ -309,13 +311,15 @@ async fn session(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(worker = %cfg.worker_id, storage = %sh.store.describe(), "consuming");
 
-    let (mut lanes_iter, mut bulk) = {
-        let mut it = consumers.into_iter();
-        (it.next(), it.next())
-    };
-    let (_, interactive_ch, interactive_tag, mut interactive) =
-        lanes_iter.take().expect("two lanes");
-    let (_, bulk_ch, bulk_tag, mut bulk_consumer) = bulk.take().expect("two lanes");
+    // One consumer per configured lane; a lane not consumed never yields.
+    let mut interactive = None;
+    let mut bulk = None;
+    for (lane, ch, tag, consumer) in consumers {
+        match lane {
+            Lane::Interactive => interactive = Some((ch, tag, consumer)),
+            Lane::Bulk => bulk = Some((ch, tag, consumer)),
+        }
+    }
 
     let tracker = TaskTracker::new();
     let (ready_tx, mut ready_rx) = mpsc::channel::<Ready>(1024);
@@ -338,12 +342,12 @@ async fn session(
         };
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
-            d = interactive.next() => match d {
+            d = next_delivery(&mut interactive) => match d {
                 Some(Ok(d)) => spawn_precheck(sh, &ctx, &tracker, &ready_tx, d, Lane::Interactive),
                 Some(Err(e)) => break Ok(SessionEnd::ConnectionLost(e.to_string())),
                 None => break Ok(SessionEnd::ConnectionLost("interactive consumer closed".into())),
             },
-            d = bulk_consumer.next() => match d {
+            d = next_delivery(&mut bulk) => match d {
                 Some(Ok(d)) => spawn_precheck(sh, &ctx, &tracker, &ready_tx, d, Lane::Bulk),
                 Some(Err(e)) => break Ok(SessionEnd::ConnectionLost(e.to_string())),
                 None => break Ok(SessionEnd::ConnectionLost("bulk consumer closed".into())),
@@ -396,15 +400,11 @@ async fn session(
             "requeueing jobs that had not started"
         );
     }
-    let _ = interactive_ch
-        .basic_cancel(
-            interactive_tag.as_str().into(),
-            BasicCancelOptions::default(),
-        )
-        .await;
-    let _ = bulk_ch
-        .basic_cancel(bulk_tag.as_str().into(), BasicCancelOptions::default())
-        .await;
+    for (ch, tag, _) in [interactive.as_ref(), bulk.as_ref()].into_iter().flatten() {
+        let _ = ch
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+    }
     for p in batcher.drain() {
         let _ = p
             .extra
@@ -709,5 +709,15 @@ async fn render_batch(
             // Out of memory fails those jobs; other device errors count towards giving up.
             if oom { Ok(()) } else { Err(message) }
         }
+    }
+}
+
+/// The next delivery of a lane's consumer, or never when the lane is not consumed.
+async fn next_delivery(
+    lane: &mut Option<(lapin::Channel, String, lapin::Consumer)>,
+) -> Option<lapin::Result<Delivery>> {
+    match lane {
+        Some((_, _, consumer)) => consumer.next().await,
+        None => std::future::pending().await,
     }
 }

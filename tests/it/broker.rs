@@ -333,7 +333,10 @@ impl WorkerProc {
             .map(|d| d.as_secs().to_string())
             .collect();
         let delays = delays.join(",");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_t2i"));
+        // T2I_TEST_BIN lets measurements use a release build (see the plumbing throughput test).
+        let bin =
+            std::env::var("T2I_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_t2i").to_string());
+        let mut cmd = Command::new(bin);
         cmd.args([
             "worker",
             "--model",

@@ -510,3 +510,97 @@ fn repo_ids_download_only_the_needed_files_from_the_hub_then_work_offline() {
         "a complete cached snapshot needs no requests"
     );
 }
+
+/// The benchmark in smoke mode (tiny model, 64², 2 steps, batch 1 and 2, CFG): every figure is printed
+/// and consistent. Speed is measured by `t2i bench` on real models, never asserted here.
+#[test]
+fn bench_smoke_prints_every_figure_per_batch_size() {
+    let model = model_dir("ssd-1b-tiny");
+    let out = t2i(&[
+        "bench",
+        "--model",
+        path_str(&model),
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--batch-sizes",
+        "1,2",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (row, batch) in rows.iter().zip([1, 2]) {
+        assert_eq!(row["batch"], batch);
+        assert_eq!(row["cfg"], true);
+        assert_eq!(row["implementation"], "t2i");
+        for key in [
+            "load_s",
+            "text_encode_s",
+            "step_s",
+            "vae_decode_s",
+            "total_s",
+            "s_per_image",
+            "images_per_s",
+            "unet_tflops",
+            "peak_rss_gib",
+        ] {
+            let v = row[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key} in {row}"));
+            assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+        }
+        let total = row["total_s"].as_f64().unwrap();
+        let per_image = row["s_per_image"].as_f64().unwrap();
+        assert!(
+            (per_image * batch as f64 - total).abs() <= 1e-6 * total.max(1.0),
+            "{row}"
+        );
+        let ips = row["images_per_s"].as_f64().unwrap();
+        assert!((ips * per_image - 1.0).abs() < 1e-6, "{row}");
+    }
+}
+
+/// `t2i healthcheck` (the containers' HEALTHCHECK) exits 0 on 200 and non-zero otherwise.
+#[test]
+fn healthcheck_follows_the_status_code() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        for (i, conn) in listener.incoming().take(2).enumerate() {
+            let mut conn = conn.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "connection closed mid-request");
+                request.extend_from_slice(&buf[..n]);
+            }
+            let request = String::from_utf8_lossy(&request).into_owned();
+            let status = if i == 0 {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            write!(conn, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").unwrap();
+            assert!(request.starts_with("GET /healthz HTTP/1.0"), "{request}");
+        }
+    });
+    let url = format!("http://{addr}/healthz");
+    assert!(t2i(&["healthcheck", &url]).status.success());
+    let down = t2i(&["healthcheck", &url]);
+    assert!(!down.status.success());
+    assert!(stderr(&down).contains("503"), "{}", stderr(&down));
+    server.join().unwrap();
+    let refused = t2i(&["healthcheck", &url]);
+    assert!(!refused.status.success());
+}

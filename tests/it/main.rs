@@ -4,9 +4,15 @@
 //!   (`tests/fixtures/`, built by `scripts/parity/make_fixtures.py`).
 //! * `cli`: `t2i generate` through the real binary.
 //! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness).
+//! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
+//! * `webhooks`: `t2i webhooks` (signatures, retries, SSRF guard) and `t2i gateway`.
+//! * `deploy`: the RabbitMQ definitions in `infra/` against the topology the worker declares.
 
 mod broker;
 mod cli;
+mod clients;
+mod deploy;
 mod parity;
 mod support;
+mod webhooks;
 mod worker;

@@ -743,3 +743,164 @@ async fn a_local_folder_works_as_the_store() {
     drop(worker);
     world.cleanup().await;
 }
+
+/// Plumbing throughput: many tiny jobs (32×32, 1 step, no guidance) through RabbitMQ → worker →
+/// Garage → events. Asserts that every job succeeds exactly once; prints jobs/s (DESIGN.md §6 target:
+/// ≥ 200 jobs/s on a 2-core machine). For the figure in the README:
+/// `cargo build --release && T2I_TEST_BIN=$CARGO_TARGET_DIR/release/t2i cargo test --test it plumbing -- --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plumbing_throughput_many_tiny_jobs_all_succeed_once() {
+    let _g = serial().await;
+    let n: u32 = std::env::var("T2I_PLUMBING_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let mut world = World::new("plumbing").await;
+    let worker = WorkerProc::spawn(
+        &world,
+        "w1",
+        &["--max-batch", "32", "--batch-window-ms", "10"],
+    );
+    let mut ids = HashSet::new();
+    let start = Instant::now();
+    for i in 0..n {
+        let id = format!("t{i}");
+        let body = serde_json::json!({"job_id": id, "prompt": "a cat", "width": 32, "height": 32,
+            "steps": 1, "guidance_scale": 0.0, "seed": i});
+        world
+            .publish(Lane::Bulk, &id, body.to_string().as_bytes())
+            .await;
+        ids.insert(id);
+    }
+    let published = start.elapsed();
+    assert!(
+        world
+            .collect_until(Duration::from_secs(600), all_terminal(&ids))
+            .await,
+        "jobs missing"
+    );
+    let elapsed = start.elapsed();
+    let terminal = world.terminal();
+    for id in &ids {
+        assert!(succeeded(&terminal[id][0]), "{id}");
+        assert_eq!(world.count_terminal_deliveries(id), 1, "{id}");
+    }
+    let (_, metrics) = worker.http_get("/metrics").unwrap();
+    let phase = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("t2i_phase_seconds_sum{{phase=\"{name}\"}}")))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    println!(
+        "plumbing: {n} jobs in {:.2}s = {:.0} jobs/s (published in {:.2}s); time summed over jobs: inference {:.1}s (per batch), encode {:.1}s, upload {:.1}s",
+        elapsed.as_secs_f64(),
+        n as f64 / elapsed.as_secs_f64(),
+        published.as_secs_f64(),
+        phase("inference"),
+        phase("encode"),
+        phase("upload"),
+    );
+    drop(worker);
+    world.cleanup().await;
+}
+
+/// `t2i cancel --batch` through the real binary: the running batch stops between denoising steps
+/// (at most one step after the worker could see the message) and waiting jobs of the batch are
+/// dropped; a job outside the batch still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t2i_cancel_stops_a_running_batch_within_a_step() {
+    let _g = serial().await;
+    let mut world = World::new("cancel").await;
+    let worker = WorkerProc::spawn(
+        &world,
+        "w1",
+        &[
+            "--max-batch",
+            "1",
+            "--batch-window-ms",
+            "0",
+            "--progress-interval-ms",
+            "0",
+        ],
+    );
+    let steps = 150; // the contract's maximum
+    for (id, batch) in [
+        ("run", Some("stopme")),
+        ("wait", Some("stopme")),
+        ("other", None),
+    ] {
+        // The running job is large enough (512², CFG) that one step takes far longer than an event
+        // takes to arrive, so counting the steps reported after the cancel measures the worker.
+        let (side, n) = if id == "run" { (512, steps) } else { (64, 2) };
+        let mut body = serde_json::json!({"job_id": id, "prompt": "x", "width": side, "height": side,
+            "steps": n});
+        if let Some(b) = batch {
+            let index = usize::from(id != "run");
+            body["batch"] = serde_json::json!({"id": b, "index": index, "total": 2});
+        }
+        world
+            .publish(Lane::Interactive, id, body.to_string().as_bytes())
+            .await;
+        if id == "run" {
+            // The long job is on the device before the others arrive.
+            let started = |seen: &[CloudEvent]| {
+                seen.iter()
+                    .any(|e| e.subject == "run" && e.kind == "t2i.job.progress")
+            };
+            assert!(world.collect_until(Duration::from_secs(60), started).await);
+        }
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_t2i"))
+        .args([
+            "cancel",
+            "--amqp-url",
+            &crate::broker::amqp_url(),
+            "--amqp-prefix",
+            &world.prefix,
+            "--batch",
+            "stopme",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen_before = world.seen.len();
+    let ids: HashSet<String> = ["run", "wait", "other"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert!(
+        world
+            .collect_until(Duration::from_secs(60), all_terminal(&ids))
+            .await
+    );
+    let terminal = world.terminal();
+    assert_eq!(terminal["run"][0].kind, "t2i.job.canceled");
+    assert_eq!(terminal["wait"][0].kind, "t2i.job.canceled");
+    assert!(succeeded(&terminal["other"][0]));
+    let steps_of_run = |events: &[CloudEvent]| -> Vec<usize> {
+        events
+            .iter()
+            .filter(|e| e.subject == "run" && e.kind == "t2i.job.progress")
+            .filter_map(|e| e.data.progress.as_ref().map(|p| p.step))
+            .collect()
+    };
+    let before = steps_of_run(&world.seen[..seen_before]);
+    let after = steps_of_run(&world.seen[seen_before..]);
+    let last = *before.iter().chain(&after).max().unwrap();
+    assert!(last < steps, "the job ran to the end");
+    // Steps reported after the cancel was confirmed by the broker: the one running when the worker
+    // read the message, plus progress events already in flight (published per step, unconfirmed).
+    assert!(
+        after.len() <= 3,
+        "{} steps after the cancel was confirmed: {after:?}",
+        after.len()
+    );
+    drop(worker);
+    world.cleanup().await;
+}

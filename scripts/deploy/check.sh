@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Offline checks of the deployment files: hadolint on the Dockerfiles, the Kubernetes manifests
+# rendered with kustomize and validated against the Kubernetes schemas, KEDA resources against
+# KEDA's CRD schemas, docker/compose.yaml against the Compose Specification schema.
+# Needs kubectl (kustomize built in) and the Python packages of scripts/requirements-test.txt;
+# PYTHON picks the interpreter (default: python3). The KEDA and Compose schemas are read from
+# $T2I_SHARED_SCHEMAS (default: ../shared/schemas beside the repository, else /work/shared/schemas).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-python3}
+HADOLINT=${HADOLINT:-$(dirname "$PYTHON")/hadolint}
+[ -x "$HADOLINT" ] || HADOLINT=hadolint
+
+echo "== hadolint"
+"$HADOLINT" --config .hadolint.yaml docker/Dockerfile docker/Dockerfile.cuda
+echo "ok: docker/Dockerfile docker/Dockerfile.cuda"
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+for k in infra/base infra/overlays/gpu; do
+  name=$(echo "$k" | tr / _)
+  echo "== kubectl kustomize $k"
+  kubectl kustomize "$k" > "$out/$name.yaml"
+done
+exec "$PYTHON" scripts/deploy/validate.py "$out"/*.yaml

@@ -1,0 +1,607 @@
+//! `t2i gateway`: the HTTP front door (axum).
+//!
+//! * `POST /v1/jobs`: a job of the contract (`job_id` optional: a UUIDv7 is assigned), checked with
+//!   the workers' own `parse_job_body`, published with confirms; `202` with the id and a status URL.
+//!   `?lane=bulk` queues it behind interactive work.
+//! * `GET /v1/jobs/{id}`: the stored `result.json` (the succeeded event's data) once done, else 404.
+//! * `POST /generate-image`: `{"text": "...", ...contract fields}`; publishes with `reply_to` and waits
+//!   for the terminal event (timeout: `--wait-timeout-s`), then answers with the image URLs or the
+//!   error. The shape of the Flask demo this product replaces.
+//! * `GET /openapi.json`, `/healthz`, `/readyz`.
+//!
+//! Errors are JSON: `{"error": {"code", "message", "field"?, "value"?}}` with 400/401/404/413/415/
+//! 422/503/504. With `--auth-token`, every `/v1` and `/generate-image` call needs `Authorization:
+//! Bearer <token>`. Request bodies are limited to the contract's 64 KiB.
+
+// Helpers return the finished error `Response` (128 bytes) as their `Err`, once per request.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use clap::Args;
+use futures_util::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use tokio::sync::{RwLock, oneshot};
+
+use crate::cli::BrokerArgs;
+use crate::events::{CloudEvent, EventData};
+use crate::job::message::MAX_BODY_BYTES;
+use crate::job::{ModelDefaults, parse_job_body};
+use crate::queue::publisher::Delivered;
+use crate::queue::{Lane, Publisher, Topology};
+use crate::storage::{ImageStore, Store};
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    /// Listen address.
+    #[arg(long, env = "T2I_GATEWAY_ADDR", default_value = "0.0.0.0:8080")]
+    pub addr: std::net::SocketAddr,
+
+    /// Where the workers store results (for GET /v1/jobs/{id}): as `t2i worker`.
+    #[arg(long, env = "T2I_STORAGE", default_value = "./outputs")]
+    pub storage: String,
+
+    /// S3 path-style addressing [default: on when AWS_ENDPOINT_URL is set].
+    #[arg(long, env = "T2I_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: Option<bool>,
+
+    /// Require `Authorization: Bearer <token>` on the API.
+    #[arg(long, env = "T2I_GATEWAY_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    /// How long POST /generate-image waits for the result, in seconds.
+    #[arg(long, env = "T2I_GATEWAY_WAIT_TIMEOUT_S", default_value_t = 120)]
+    pub wait_timeout_s: u64,
+
+    #[command(flatten)]
+    pub limits: crate::cli::LimitArgs,
+
+    /// The model jobs are checked against (a job naming another one is refused).
+    #[arg(long, env = "T2I_MODEL", default_value = "segmind/SSD-1B")]
+    pub model: String,
+}
+
+/// A live broker session: the confirming publisher and the reply queue's name.
+struct Session {
+    publisher: Publisher,
+    reply_queue: String,
+}
+
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<CloudEvent>>>>;
+
+struct App {
+    topology: Topology,
+    session: RwLock<Option<Session>>,
+    waiters: Waiters,
+    store: Store,
+    token: Option<String>,
+    wait: Duration,
+    model: String,
+    limits: crate::job::Limits,
+}
+
+/// A JSON error response.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+impl App {
+    fn authorized(&self, headers: &HeaderMap) -> Result<(), Response> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Constant-time comparison of the digests (lengths may differ).
+        use sha2::{Digest, Sha256};
+        let (a, b) = (
+            Sha256::digest(given.as_bytes()),
+            Sha256::digest(token.as_bytes()),
+        );
+        if a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+        {
+            Ok(())
+        } else {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+            Err(r)
+        }
+    }
+
+    /// Body → checked job JSON (with a job id), or the structured 4xx.
+    fn job_from(&self, body: &[u8], text_field: bool) -> Result<(String, Value), Response> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("bodies are at most {MAX_BODY_BYTES} bytes"),
+            ));
+        }
+        let mut v: Value = serde_json::from_slice(body).map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("not JSON: {e}"),
+            )
+        })?;
+        let Some(obj) = v.as_object_mut() else {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "expected a JSON object",
+            ));
+        };
+        if text_field {
+            match obj.remove("text") {
+                Some(Value::String(t)) => {
+                    if obj.contains_key("prompt") {
+                        return Err(invalid("prompt", "give `text` or `prompt`, not both", ""));
+                    }
+                    obj.insert("prompt".into(), Value::String(t));
+                }
+                Some(other) => return Err(invalid("text", "must be a string", &other.to_string())),
+                None if !obj.contains_key("prompt") => {
+                    return Err(invalid("text", "is required", ""));
+                }
+                None => {}
+            }
+        }
+        if !obj.contains_key("job_id") {
+            obj.insert(
+                "job_id".into(),
+                Value::from(uuid::Uuid::now_v7().to_string()),
+            );
+        }
+        let body = v.to_string();
+        match parse_job_body(
+            body.as_bytes(),
+            &self.limits,
+            &ModelDefaults::default(),
+            &self.model,
+        ) {
+            Ok(job) => Ok((job.job_id.to_string(), v)),
+            Err(bad) => {
+                let r = bad.rejection;
+                Err(invalid(&r.field, &r.reason, &r.value))
+            }
+        }
+    }
+
+    async fn publish(
+        &self,
+        lane: Lane,
+        job_id: &str,
+        job: &Value,
+        reply: bool,
+    ) -> Result<(), Response> {
+        let guard = self.session.read().await;
+        let Some(s) = guard.as_ref() else {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "not connected to the broker; retry shortly",
+            ));
+        };
+        let extra = reply.then(|| {
+            BasicProperties::default()
+                .with_reply_to(s.reply_queue.as_str().into())
+                .with_correlation_id(job_id.into())
+        });
+        match s
+            .publisher
+            .job(lane, job_id, job.to_string().as_bytes(), extra)
+            .await
+        {
+            Ok(Delivered::Routed) => Ok(()),
+            Ok(Delivered::Unroutable) => Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "no job queue is bound",
+            )),
+            Err(e) => Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("publishing failed: {e}"),
+            )),
+        }
+    }
+}
+
+/// A body axum could not read (over the size limit, broken stream) as a JSON error.
+fn body_error(e: BytesRejection) -> Response {
+    let status = e.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        error(
+            status,
+            "too_large",
+            format!("bodies are at most {MAX_BODY_BYTES} bytes"),
+        )
+    } else {
+        error(status, "bad_request", e.body_text())
+    }
+}
+
+fn invalid(field: &str, reason: &str, value: &str) -> Response {
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Json(json!({"error": {
+            "code": "invalid_input", "message": format!("{field}: {reason}"),
+            "field": field, "value": value,
+        }})),
+    )
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct LaneQuery {
+    lane: Option<String>,
+}
+
+async fn submit(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<LaneQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = app.authorized(&headers) {
+        return r;
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
+    let lane = match q.lane.as_deref() {
+        None | Some("interactive") => Lane::Interactive,
+        Some("bulk") => Lane::Bulk,
+        Some(other) => return invalid("lane", "must be interactive or bulk", other),
+    };
+    let (id, job) = match app.job_from(&body, false) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if let Err(r) = app.publish(lane, &id, &job, false).await {
+        return r;
+    }
+    let url = format!("/v1/jobs/{id}");
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, url.clone())],
+        Json(json!({"job_id": id, "status": "queued", "status_url": url})),
+    )
+        .into_response()
+}
+
+async fn status(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = app.authorized(&headers) {
+        return r;
+    }
+    if crate::job::JobId::parse(&id).is_err() {
+        return invalid("job_id", "1 to 128 characters of [A-Za-z0-9._:-]", &id);
+    }
+    match app.store.get(&format!("{id}/result.json")).await {
+        Ok(Some(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(v) => Json(v).into_response(),
+            Err(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "internal",
+                "stored result is not JSON",
+            ),
+        },
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no result for {id} (queued, running, failed or unknown)"),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("storage: {e}"),
+        ),
+    }
+}
+
+async fn generate(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = app.authorized(&headers) {
+        return r;
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
+    let (id, job) = match app.job_from(&body, true) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let (tx, rx) = oneshot::channel();
+    app.waiters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone(), tx);
+    if let Err(r) = app.publish(Lane::Interactive, &id, &job, true).await {
+        app.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        return r;
+    }
+    let event = tokio::time::timeout(app.wait, rx).await;
+    app.waiters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    let event = match event {
+        Ok(Ok(e)) => e,
+        _ => {
+            return (
+                StatusCode::GATEWAY_TIMEOUT,
+                Json(json!({"error": {"code": "timeout",
+                    "message": format!("no result within {} s; the job goes on", app.wait.as_secs())},
+                    "job_id": id, "status_url": format!("/v1/jobs/{id}")})),
+            )
+                .into_response();
+        }
+    };
+    respond(&event.data)
+}
+
+/// A terminal event → the /generate-image answer.
+fn respond(d: &EventData) -> Response {
+    if d.status == "succeeded" {
+        let images: Vec<Value> = d
+            .images
+            .iter()
+            .map(|i| {
+                json!({"url": i.url, "url_expires_at": i.url_expires_at, "key": i.key, "seed": i.seed,
+                       "width": i.width, "height": i.height, "content_type": i.content_type,
+                       "sha256": i.sha256})
+            })
+            .collect();
+        let url = images.first().and_then(|i| i.get("url")).cloned();
+        return Json(
+            json!({"job_id": d.job_id, "status": "succeeded", "image_url": url,
+                           "images": images, "timings_ms": d.timings_ms}),
+        )
+        .into_response();
+    }
+    let (status, code) = match d.error.as_ref().map(|e| e.code) {
+        Some(crate::events::ErrorCode::InvalidInput) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input")
+        }
+        Some(crate::events::ErrorCode::Expired) => (StatusCode::GATEWAY_TIMEOUT, "expired"),
+        Some(crate::events::ErrorCode::Canceled) => (StatusCode::CONFLICT, "canceled"),
+        _ => (StatusCode::BAD_GATEWAY, "failed"),
+    };
+    (
+        status,
+        Json(json!({"error": {"code": code,
+            "message": d.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| d.status.clone()),
+            "field": d.error.as_ref().and_then(|e| e.field.clone())},
+            "job_id": d.job_id, "status": d.status})),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    let job: Value =
+        serde_json::from_str(include_str!("../schemas/job.schema.json")).unwrap_or(Value::Null);
+    let err = json!({"type": "object", "required": ["error"], "properties": {"error": {"type": "object",
+        "required": ["code", "message"], "properties": {"code": {"type": "string"},
+        "message": {"type": "string"}, "field": {"type": "string"}, "value": {"type": "string"}}}}});
+    let errors = |codes: &[&str]| -> Value {
+        let mut m = serde_json::Map::new();
+        for c in codes {
+            m.insert(c.to_string(), json!({"description": "error",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}));
+        }
+        Value::Object(m)
+    };
+    let with = |mut base: Value, extra: Value| {
+        if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        base
+    };
+    Json(json!({
+        "openapi": "3.1.0",
+        "info": {"title": "t2i gateway", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Text-to-image jobs (contract v1) over HTTP."},
+        "components": {
+            "schemas": {"Job": job, "Error": err},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/jobs": {"post": {
+                "summary": "Queue a job (job_id optional)",
+                "parameters": [{"name": "lane", "in": "query", "schema": {"enum": ["interactive", "bulk"]}}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
+                "responses": with(json!({"202": {"description": "queued", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"job_id": {"type": "string"}, "status": {"const": "queued"},
+                    "status_url": {"type": "string"}}}}}}}), errors(&["400", "401", "413", "422", "503"]))
+            }},
+            "/v1/jobs/{id}": {"get": {
+                "summary": "The stored result of a finished job",
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": with(json!({"200": {"description": "the succeeded event's data (result.json)"}}),
+                    errors(&["401", "404", "422", "503"]))
+            }},
+            "/generate-image": {"post": {
+                "summary": "Generate and wait: {\"text\": ...} plus optional job fields",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["text"], "properties": {"text": {"type": "string"}},
+                    "additionalProperties": true}}}},
+                "responses": with(json!({"200": {"description": "image URLs", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"job_id": {"type": "string"}, "image_url": {"type": "string"},
+                    "images": {"type": "array"}}}}}}}), errors(&["400", "401", "409", "413", "422", "502", "503", "504"]))
+            }},
+            "/healthz": {"get": {"security": [], "responses": {"200": {"description": "alive"}}}},
+            "/readyz": {"get": {"security": [], "responses": {"200": {"description": "connected to the broker"},
+                "503": {"description": "not connected"}}}}
+        }
+    }))
+    .into_response()
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.session.read().await.is_some() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not connected").into_response()
+    }
+}
+
+/// Keeps a broker session up: connect, declare, open the publisher and the reply queue, dispatch
+/// replies to waiting requests; on loss, reconnect with jittered backoff.
+async fn maintain(app: Arc<App>, url: String) {
+    let mut attempt = 0u32;
+    loop {
+        match connect(&app, &url).await {
+            Ok((conn, mut replies)) => {
+                attempt = 0;
+                tracing::info!("gateway connected to the broker");
+                while let Some(Ok(d)) = replies.next().await {
+                    let _ = d.ack(BasicAckOptions::default()).await;
+                    let Ok(event) = serde_json::from_slice::<CloudEvent>(&d.data) else {
+                        continue;
+                    };
+                    let key = d
+                        .properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| event.subject.clone());
+                    let waiter = app
+                        .waiters
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
+                    if let Some(tx) = waiter {
+                        let _ = tx.send(event);
+                    }
+                }
+                *app.session.write().await = None;
+                let _ = conn.close(0, "reconnecting".into()).await;
+                tracing::warn!("gateway lost the broker; reconnecting");
+            }
+            Err(e) => tracing::warn!(error = %e, "gateway cannot reach the broker"),
+        }
+        let wait =
+            crate::queue::backoff(attempt, Duration::from_millis(200), Duration::from_secs(10));
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn connect(app: &Arc<App>, url: &str) -> Result<(lapin::Connection, lapin::Consumer)> {
+    let conn = crate::queue::connect(url, "t2i gateway").await?;
+    let ch = conn.create_channel().await?;
+    app.topology.declare(&ch).await?;
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer = ch
+        .basic_consume(
+            q.name().clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let publisher = Publisher::open(&conn, &app.topology).await?;
+    *app.session.write().await = Some(Session {
+        publisher,
+        reply_queue: q.name().to_string(),
+    });
+    Ok((conn, consumer))
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/jobs", post(submit))
+        .route("/v1/jobs/{id}", get(status))
+        .route("/generate-image", post(generate))
+        .route("/openapi.json", get(openapi))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        // One byte over the contract's limit reaches the handler, which answers 413 in JSON.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES + 1))
+        .with_state(app)
+}
+
+pub fn run(args: GatewayArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let store = Store::open(&args.storage, args.s3_force_path_style)
+            .await
+            .with_context(|| format!("opening the store {}", args.storage))?;
+        let app = Arc::new(App {
+            topology: crate::config::topology(&args.broker)?,
+            session: RwLock::new(None),
+            waiters: Arc::default(),
+            store,
+            token: args.auth_token.filter(|t| !t.is_empty()),
+            wait: Duration::from_secs(args.wait_timeout_s.max(1)),
+            model: args.model.clone(),
+            limits: args.limits.limits(),
+        });
+        tokio::spawn(maintain(app.clone(), args.broker.amqp_url.clone()));
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("binding {}", args.addr))?;
+        tracing::info!(addr = %args.addr, "gateway listening");
+        let shutdown = crate::shutdown::on_signals();
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await?;
+        Ok(())
+    })
+}

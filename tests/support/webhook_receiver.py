@@ -1,0 +1,86 @@
+"""Webhook receiver for tests/it/webhooks.rs: verifies every request with the official
+`standardwebhooks` package and logs it as a JSON line.
+
+    webhook_receiver.py SECRET LOG_FILE FAIL_FIRST
+
+Serves on two ports and prints "PORTS <main> <other>" once listening:
+* main  POST /hook      verify, answer 500 to the first FAIL_FIRST deliveries of each webhook-id, then 200
+        POST /redirect  302 to the other port (a private address the relay must refuse to follow)
+        POST /gone      410
+* other: anything       logged; the relay must never reach it
+"""
+
+import json
+import sys
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+SECRET, LOG, FAIL_FIRST = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lock = threading.Lock()
+seen = Counter()
+ports = {}
+
+
+def log(entry):
+    with lock, open(LOG, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+class Main(BaseHTTPRequestHandler):
+    server_name = "main"
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status, headers=()):
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        try:
+            Webhook(SECRET).verify(body, headers)
+            verified = True
+        except WebhookVerificationError as e:
+            verified = str(e)
+        wid = headers.get("webhook-id")
+        with lock:
+            seen[(self.path, wid)] += 1
+            n = seen[(self.path, wid)]
+        event = json.loads(body) if body else {}
+        entry = {"server": self.server_name, "path": self.path, "id": wid, "n": n,
+                 "verified": verified, "type": event.get("type"), "subject": event.get("subject")}
+        if self.server_name == "other":
+            log(entry)
+            return self.answer(200)
+        if self.path == "/hook":
+            status = 500 if n <= FAIL_FIRST else 200
+            log({**entry, "status": status})
+            return self.answer(status)
+        if self.path == "/redirect":
+            log({**entry, "status": 302})
+            return self.answer(302, [("Location", f"http://127.0.0.1:{ports['other']}/stolen")])
+        if self.path == "/gone":
+            log({**entry, "status": 410})
+            return self.answer(410)
+        log({**entry, "status": 404})
+        return self.answer(404)
+
+
+class Other(Main):
+    server_name = "other"
+
+
+main = ThreadingHTTPServer(("127.0.0.1", 0), Main)
+other = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+ports["main"], ports["other"] = main.server_address[1], other.server_address[1]
+threading.Thread(target=other.serve_forever, daemon=True).start()
+print(f"PORTS {ports['main']} {ports['other']}", flush=True)
+main.serve_forever()
