@@ -31,7 +31,7 @@ use bytes::Bytes;
 use clap::Args;
 use futures_util::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use tokio::sync::{RwLock, oneshot};
@@ -274,12 +274,12 @@ async fn submit(
     Query(q): Query<LaneQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = app.authorized(&headers) {
-        return r;
-    }
-    let body = match body {
+    let body = match app
+        .authorized(&headers)
+        .and_then(|()| body.map_err(body_error))
+    {
         Ok(b) => b,
-        Err(e) => return body_error(e),
+        Err(r) => return r,
     };
     let lane = match q.lane.as_deref() {
         None | Some("interactive") => Lane::Interactive,
@@ -340,12 +340,12 @@ async fn generate(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = app.authorized(&headers) {
-        return r;
-    }
-    let body = match body {
+    let body = match app
+        .authorized(&headers)
+        .and_then(|()| body.map_err(body_error))
+    {
         Ok(b) => b,
-        Err(e) => return body_error(e),
+        Err(r) => return r,
     };
     let (id, job) = match app.job_from(&body, true) {
         Ok(x) => x,
@@ -535,17 +535,7 @@ async fn connect(app: &Arc<App>, url: &str) -> Result<(lapin::Connection, lapin:
     let conn = crate::queue::connect(url, "t2i gateway").await?;
     let ch = conn.create_channel().await?;
     app.topology.declare(&ch).await?;
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let q = crate::queue::declare_private_queue(&ch).await?;
     let consumer = ch
         .basic_consume(
             q.name().clone(),

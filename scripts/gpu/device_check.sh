@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One prepared run on a GPU machine (the `device` tool), from the repository root, with `.gpu/` carried:
-#   .gpu/t2i, .gpu/run-t2i.sh        the CUDA build (../shared/gpu/build-cuda.sh, features cuda,cudnn)
+#   .gpu/t2i.xz, .gpu/run-t2i.sh     the CUDA build (scripts/build-cuda.sh, features cuda,cudnn), xz-compressed
 #   .gpu/whl/diffusers-*.whl         diffusers for the reference side (PyTorch is on the machine)
 # 1. GPU-vs-diffusers agreement on the tiny fixtures (f32 and bf16) through `t2i generate`.
 # 2. A full-size random-weight SSD-1B generated there, then `t2i bench` and diffusers at 1024², 25 Euler
 #    steps, CFG, bf16, in the same call. Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/t2i-device-out}; mkdir -p "$OUT"
-STEPS=${STEPS:-25}; BATCHES=${BATCHES:-1,4}
+STEPS=${STEPS:-25}; BATCHES=${BATCHES:-1,4,8}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site
 export PYTHONUNBUFFERED=1
@@ -15,16 +15,15 @@ python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.gpu/t2i.xz'), ope
 T2I=$PWD/.gpu/run-t2i.sh
 
 echo "== 1. tiny fixtures: cuda vs diffusers (CPU f32 references)"
-timeout 150 python3 scripts/gpu/tiny_parity.py --t2i "$T2I" 2>&1 | tee "$OUT/tiny_parity.txt"
+timeout 120 python3 scripts/gpu/tiny_parity.py --t2i "$T2I" 2>&1 | tee "$OUT/tiny_parity.txt"
 
 echo "== 2. full-size random SSD-1B"
 start=$(date +%s)
 (cd scripts/parity && timeout 180 python3 make_random_model.py --arch ssd-1b --out /tmp/ssd-1b-random) 2>&1 | grep -v Warning | tail -2
 echo "model written in $(( $(date +%s) - start )) s"
 ARGS="--model /tmp/ssd-1b-random --device cuda --dtype bf16 --width 1024 --height 1024 --steps $STEPS --batch-sizes $BATCHES --warmup 1 --runs 1 --json"
-echo "== t2i bench"
-timeout 240 "$T2I" bench $ARGS 2>&1 | tee "$OUT/t2i_bench.jsonl"
 echo "== diffusers"
-timeout 150 python3 scripts/bench/diffusers_bench.py $ARGS 2>&1 | grep -v Warning | tee "$OUT/diffusers_bench.jsonl"
-timeout 60 "$T2I" generate --model /tmp/ssd-1b-random --device cuda --dtype bf16 --prompt "a wolf" --steps $STEPS \
-  --seed 1 --output "$OUT/full_1024.png" --quiet 2>&1 | tail -2
+timeout 120 python3 scripts/bench/diffusers_bench.py $ARGS 2>&1 | grep -v Warning | tee "$OUT/diffusers_bench.jsonl"
+echo "== t2i bench"
+timeout 400 "$T2I" bench $ARGS 2>&1 | tee "$OUT/t2i_bench.jsonl"
+# diffusers first: the t2i run is the long one; each batch size's line is written as it finishes.

@@ -19,10 +19,7 @@ use clap::Args;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::BasicProperties;
 use lapin::Confirmation;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use serde_json::{Map, Value};
 
@@ -440,17 +437,7 @@ async fn publish_and_wait(
 
     // Subscribe before publishing, so no event can be missed.
     let mut events = if args.wait {
-        let q = setup
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let q = crate::queue::declare_private_queue(&setup).await?;
         for key in ["job.succeeded", "job.failed", "job.expired", "job.canceled"] {
             setup
                 .queue_bind(

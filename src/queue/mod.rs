@@ -15,6 +15,21 @@ pub use topology::{Lane, Topology};
 /// AMQP header carrying the attempt number of a retried job (1 for the first delivery).
 pub const ATTEMPT_HEADER: &str = "x-t2i-attempt";
 
+/// A server-named, exclusive, auto-deleted queue: a worker's control queue, a client's event or
+/// reply queue. It lives as long as the channel's connection.
+pub async fn declare_private_queue(ch: &lapin::Channel) -> lapin::Result<lapin::Queue> {
+    ch.queue_declare(
+        "".into(),
+        lapin::options::QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+}
+
 /// Connects once, naming the connection so operators can see it in the management UI.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());

@@ -22,7 +22,6 @@ use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use time::OffsetDateTime;
@@ -275,17 +274,7 @@ async fn session(
         consumers.push((lane, ch, tag, consumer));
     }
     let control_ch = conn.create_channel().await?;
-    let control_q = control_ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let control_q = crate::queue::declare_private_queue(&control_ch).await?;
     control_ch
         .queue_bind(
             control_q.name().clone(),
