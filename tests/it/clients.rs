@@ -11,7 +11,9 @@ use t2i_worker::events::CloudEvent;
 use crate::broker::{WorkerProc, World, amqp_url, bucket, s3, serial};
 
 fn enqueue_cmd<S: AsRef<std::ffi::OsStr>>(world: &World, extra: &[S]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_t2i"));
+    // T2I_TEST_BIN: measure a release build (see the README's performance section).
+    let bin = std::env::var("T2I_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_t2i").into());
+    let mut cmd = Command::new(bin);
     cmd.arg("enqueue")
         .args(["--amqp-url", &amqp_url(), "--amqp-prefix", &world.prefix])
         .args(["--storage", &world.storage(), "--quiet"])
@@ -154,6 +156,7 @@ async fn bulk_template_run_resumes_after_interruption_and_manifest_matches_stora
         .unwrap();
     let err = stderr(&second);
     assert!(second.status.success(), "{err}");
+    println!("bulk rerun: {}", err.trim());
     let already: usize = err
         .split("; ")
         .nth(1)
