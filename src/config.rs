@@ -55,12 +55,7 @@ impl ModelConfig {
 
     /// A short model name for metadata: the last path segment (`segmind/SSD-1B` → `SSD-1B`).
     pub fn display_name(&self) -> String {
-        self.spec
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or(&self.spec)
-            .to_string()
+        crate::image::model_display_name(&self.spec).to_string()
     }
 
     pub fn dtype_name(&self) -> &'static str {

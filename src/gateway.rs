@@ -139,6 +139,16 @@ impl App {
         }
     }
 
+    /// The common start of a POST: the bearer token, then the body (size limit, readable).
+    fn admit(
+        &self,
+        headers: &HeaderMap,
+        body: Result<Bytes, BytesRejection>,
+    ) -> Result<Bytes, Response> {
+        self.authorized(headers)?;
+        body.map_err(body_error)
+    }
+
     /// Body → checked job JSON (with a job id), or the structured 4xx.
     fn job_from(&self, body: &[u8], text_field: bool) -> Result<(String, Value), Response> {
         if body.len() > MAX_BODY_BYTES {
@@ -274,10 +284,7 @@ async fn submit(
     Query(q): Query<LaneQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match app
-        .authorized(&headers)
-        .and_then(|()| body.map_err(body_error))
-    {
+    let body = match app.admit(&headers, body) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -340,10 +347,7 @@ async fn generate(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match app
-        .authorized(&headers)
-        .and_then(|()| body.map_err(body_error))
-    {
+    let body = match app.admit(&headers, body) {
         Ok(b) => b,
         Err(r) => return r,
     };

@@ -246,17 +246,7 @@ fn read_latents(path: &Path, total: usize) -> Result<Tensor> {
 
 fn metadata(g: &Generation, planned: &Planned, model: &ModelConfig) -> ImageMetadata {
     let model_name = model.display_name();
-    let parameters = parameters_text(&ParametersText {
-        prompt: &g.prompt,
-        negative_prompt: g.negative_prompt.as_deref(),
-        steps: g.steps,
-        sampler: g.scheduler.display_name(),
-        guidance_scale: g.guidance_scale,
-        seed: planned.spec.seed,
-        width: g.width,
-        height: g.height,
-        model: &model_name,
-    });
+    let parameters = parameters_text(&ParametersText::of(g, planned.spec.seed, &model_name));
     let job = serde_json::json!({
         "prompt": g.prompt,
         "negative_prompt": g.negative_prompt,

@@ -88,6 +88,31 @@ pub struct ParametersText<'a> {
     pub model: &'a str,
 }
 
+impl<'a> ParametersText<'a> {
+    /// The parameters of image `seed` of a generation rendered with `model` (its display name).
+    pub fn of(g: &'a crate::job::Generation, seed: u64, model: &'a str) -> Self {
+        Self {
+            prompt: &g.prompt,
+            negative_prompt: g.negative_prompt.as_deref(),
+            steps: g.steps,
+            sampler: g.scheduler.display_name(),
+            guidance_scale: g.guidance_scale,
+            seed,
+            width: g.width,
+            height: g.height,
+            model,
+        }
+    }
+}
+
+/// The short name of a model for image metadata: the last segment of a repo id or folder path.
+pub fn model_display_name(spec: &str) -> &str {
+    spec.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(spec)
+}
+
 /// `prompt\nNegative prompt: …\nSteps: …, Sampler: …, CFG scale: …, Seed: …, Size: WxH, Model: …`.
 pub fn parameters_text(p: &ParametersText<'_>) -> String {
     let mut s = p.prompt.to_string();

@@ -61,15 +61,10 @@ impl Default for Topology {
     }
 }
 
-fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in entries {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
+use super::publisher::headers as table;
 
-fn text(s: &str) -> AMQPValue {
+/// An AMQP long-string argument or header value.
+pub(crate) fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 

@@ -25,13 +25,15 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BrokerArgs, UsageError};
 use crate::events::CloudEvent;
 use crate::queue::Topology;
+use crate::queue::publisher::headers as table;
+use crate::queue::topology::text;
 use guard::{Guard, GuardedResolver};
 use sign::Secret;
 
@@ -375,18 +377,6 @@ impl Relay {
             ]));
         publish(ch, &self.dead_queue(), &d.data, props).await
     }
-}
-
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s))
-}
-
-fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in entries {
-        t.insert((*k).into(), v.clone());
-    }
-    t
 }
 
 /// Publishes to a queue through the default exchange, confirmed.

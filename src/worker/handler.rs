@@ -488,27 +488,13 @@ fn encode_all(
     dtype: &str,
 ) -> Result<Vec<EncodedImage>, crate::image::EncodeError> {
     let g = &job.generation;
-    let model_name = model
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or(model);
+    let model_name = crate::image::model_display_name(model);
     images
         .iter()
         .enumerate()
         .map(|(i, img)| {
             let seed = g.image_seed(i as u32);
-            let parameters = parameters_text(&ParametersText {
-                prompt: &g.prompt,
-                negative_prompt: g.negative_prompt.as_deref(),
-                steps: g.steps,
-                sampler: g.scheduler.display_name(),
-                guidance_scale: g.guidance_scale,
-                seed,
-                width: g.width,
-                height: g.height,
-                model: model_name,
-            });
+            let parameters = parameters_text(&ParametersText::of(g, seed, model_name));
             let mut job_json = serde_json::to_value(job).unwrap_or_default();
             if let Some(o) = job_json.as_object_mut() {
                 o.insert("seed".into(), seed.into());
