@@ -172,7 +172,7 @@ pub fn run(args: EnqueueArgs) -> Result<()> {
     let (lane, jobs, batch_id) = prepare(&args)?;
     if args.dry_run {
         for j in &jobs {
-            println!("{}", Value::Object(j.body.clone()));
+            println!("{}", json_text(&j.body));
         }
         eprintln!(
             "dry run: {} job(s) in batch {batch_id} for the {} queue; nothing published",
@@ -324,7 +324,7 @@ pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
     let mut errors = input_errors;
     let mut ids = HashSet::new();
     for j in &jobs {
-        let body = Value::Object(j.body.clone()).to_string();
+        let body = json_text(&j.body);
         let model = j
             .body
             .get("model")
@@ -481,7 +481,7 @@ async fn publish_and_wait(
         Ok(())
     };
     for j in &todo {
-        let body = Value::Object(j.body.clone()).to_string();
+        let body = json_text(&j.body);
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
@@ -597,4 +597,9 @@ async fn publish_and_wait(
         failed_count(&outcomes)
     );
     Ok(Some(outcomes))
+}
+
+/// A job object as JSON text (a `Map` always serialises).
+fn json_text(body: &Map<String, Value>) -> String {
+    serde_json::to_string(body).unwrap_or_default()
 }
