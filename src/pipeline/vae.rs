@@ -33,11 +33,15 @@ impl MidAttention {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        // Contiguous before the projections: candle 0.11's CPU matmul folds a batch of lhs
+        // matrices into one when the rhs is shared, which is wrong for a transposed lhs (batch
+        // item 1 onwards read the wrong rows: image 1 of a batch decoded to garbage).
         let t = self
             .group_norm
             .forward(x)?
             .reshape((b, c, h * w))?
-            .transpose(1, 2)?;
+            .transpose(1, 2)?
+            .contiguous()?;
         let t = self.attn.forward(&t, None)?;
         let t = t.transpose(1, 2)?.reshape((b, c, h, w))?;
         t + x

@@ -450,3 +450,27 @@ fn a_stop_request_ends_the_run_between_steps() {
     assert_eq!(seen, 2);
     assert!(err.to_string().contains("stopped after step 2"), "{err}");
 }
+
+#[test]
+fn the_vae_decodes_a_batch_exactly_as_it_decodes_each_image() {
+    // Batched decoding is only allowed because it is bit-for-bit batch-independent: an image must
+    // not depend on what it was decoded with (DESIGN.md §3), not even in the last bit.
+    for name in MODELS {
+        let p = load_pipeline(name, DType::F32, Variant::Auto);
+        let (b, c, h, w) = (3, 4, 8, 6);
+        // Deterministic, varied latents (no RNG dependency).
+        let data: Vec<f32> = (0..b * c * h * w)
+            .map(|i| ((i as f32 * 0.7123).sin() * 1.7) + (i % 5) as f32 * 0.1)
+            .collect();
+        let z = Tensor::from_vec(data, (b, c, h, w), &Device::Cpu).unwrap();
+        let whole = p.vae_decoder().decode(&z).unwrap();
+        for i in 0..b {
+            let alone = p.vae_decoder().decode(&z.narrow(0, i, 1).unwrap()).unwrap();
+            let diff = max_abs_diff(&whole.narrow(0, i, 1).unwrap(), &alone);
+            assert_eq!(
+                diff, 0.0,
+                "{name}: image {i} differs by {diff} when batched"
+            );
+        }
+    }
+}
