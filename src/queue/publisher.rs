@@ -15,7 +15,17 @@ pub enum QueueError {
     Amqp(#[from] lapin::Error),
     #[error("the broker refused (nack) {0}")]
     Nacked(String),
+    #[error("no answer from the broker in time for {0}")]
+    Unconfirmed(String),
 }
+
+/// Longest wait for a publisher confirm. Confirms normally take milliseconds; a broker that has
+/// gone silent (a half-open connection, a restart mid-publish) must not hold a job forever: the
+/// caller treats the publish as failed and its session reconnects.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Longest wait for a publish's frames to be handed to the connection (milliseconds normally).
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What happened to a confirmed publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +34,30 @@ pub enum Delivered {
     Routed,
     /// Confirmed, but no queue was bound for it (returned as unroutable).
     Unroutable,
+}
+
+/// A publish whose frames are sent; the broker's confirm may still be on its way.
+pub struct PendingConfirm {
+    /// `None` for transient messages nobody waits for.
+    confirm: Option<lapin::PublisherConfirm>,
+    what: String,
+}
+
+impl PendingConfirm {
+    /// Waits for the broker's confirm: stored and routed, stored but unroutable, or refused.
+    pub async fn confirmed(self) -> Result<Delivered, QueueError> {
+        let Some(confirm) = self.confirm else {
+            return Ok(Delivered::Routed);
+        };
+        let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| QueueError::Unconfirmed(self.what.clone()))?;
+        match confirmed? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Delivered::Routed),
+            Confirmation::Ack(Some(_)) => Ok(Delivered::Unroutable),
+            Confirmation::Nack(_) => Err(QueueError::Nacked(self.what)),
+        }
+    }
 }
 
 /// A publisher-confirm channel. Cheap to clone.
@@ -62,25 +96,25 @@ impl Publisher {
         props: BasicProperties,
         what: &str,
     ) -> Result<Delivered, QueueError> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                key.into(),
-                BasicPublishOptions {
-                    mandatory,
-                    ..Default::default()
-                },
-                body,
-                props,
-            )
-            .await?
-            .await?;
-        match confirm {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Delivered::Routed),
-            Confirmation::Ack(Some(_)) => Ok(Delivered::Unroutable),
-            Confirmation::Nack(_) => Err(QueueError::Nacked(what.to_string())),
+        let confirm = self.channel.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory,
+                ..Default::default()
+            },
+            body,
+            props,
+        );
+        let confirm = tokio::time::timeout(SEND_TIMEOUT, confirm)
+            .await
+            .map_err(|_| QueueError::Unconfirmed(what.to_string()))??;
+        PendingConfirm {
+            confirm: Some(confirm),
+            what: what.to_string(),
         }
+        .confirmed()
+        .await
     }
 
     /// Publishes a job event. Terminal events are persistent, mandatory and confirmed before this
@@ -90,6 +124,18 @@ impl Publisher {
         event: &CloudEvent,
         kind: EventKind,
     ) -> Result<Delivered, QueueError> {
+        self.send_event(event, kind).await?.confirmed().await
+    }
+
+    /// Sends a job event's frames and returns without waiting for the broker's confirm: events sent
+    /// one after another on this channel arrive in that order, and the caller awaits
+    /// [`PendingConfirm::confirmed`] when (and if) it needs to know. Progress events are transient
+    /// and never confirmed.
+    pub async fn send_event(
+        &self,
+        event: &CloudEvent,
+        kind: EventKind,
+    ) -> Result<PendingConfirm, QueueError> {
         let body = event.to_json();
         let props = BasicProperties::default()
             .with_content_type("application/cloudevents+json".into())
@@ -97,27 +143,25 @@ impl Publisher {
             .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp() as u64)
             .with_type(event.kind.as_str().into());
         let exchange = self.topology.events_exchange();
-        if kind == EventKind::Progress {
-            self.channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    kind.routing_key().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props.with_delivery_mode(1),
-                )
-                .await?;
-            return Ok(Delivered::Routed);
-        }
-        self.confirmed(
-            &exchange,
-            kind.routing_key(),
-            kind.is_terminal(),
+        let progress = kind == EventKind::Progress;
+        let confirm = self.channel.basic_publish(
+            exchange.as_str().into(),
+            kind.routing_key().into(),
+            BasicPublishOptions {
+                mandatory: kind.is_terminal(),
+                ..Default::default()
+            },
             &body,
-            props.with_delivery_mode(2),
-            &format!("event {} for {}", kind.routing_key(), event.subject),
-        )
-        .await
+            props.with_delivery_mode(if progress { 1 } else { 2 }),
+        );
+        let what = format!("event {} for {}", kind.routing_key(), event.subject);
+        let confirm = tokio::time::timeout(SEND_TIMEOUT, confirm)
+            .await
+            .map_err(|_| QueueError::Unconfirmed(what.clone()))??;
+        Ok(PendingConfirm {
+            confirm: (!progress).then_some(confirm),
+            what,
+        })
     }
 
     /// The terminal event to the job's `reply_to` queue (default exchange), with its correlation id.

@@ -41,6 +41,24 @@ pub struct Ctx {
     /// Attempts before a transient failure becomes `job.failed` (the queue's delivery limit).
     pub max_attempts: u32,
     pub dtype: &'static str,
+    /// Cancelled when a publish or an acknowledgement fails: the session reconnects, and closing
+    /// the connection hands every unsettled delivery back to the broker at once (nothing waits
+    /// for a consumer timeout).
+    pub broken: tokio_util::sync::CancellationToken,
+}
+
+/// The broker's confirms of a batch's `job.started` events, still on their way.
+pub struct StartedConfirms(Vec<(String, crate::queue::publisher::PendingConfirm)>);
+
+impl StartedConfirms {
+    /// Awaits every confirm, logging refusals (the events are informational).
+    pub async fn confirm_all(self) {
+        for (job, p) in self.0 {
+            if let Err(e) = p.confirmed().await {
+                tracing::warn!(%job, error = %e, "publishing job.started");
+            }
+        }
+    }
 }
 
 /// A valid job with its delivery.
@@ -63,6 +81,9 @@ pub struct BatchTiming {
     pub queued: Duration,
     pub inference: Duration,
 }
+
+/// Longest wait for an ack or nack to be written.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How one job ended, for the caller's bookkeeping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +116,33 @@ impl InHand {
 }
 
 impl Ctx {
+    /// A delivery this session cannot settle: ask for a reconnect, after which the broker
+    /// redelivers it (a redelivered job whose `result.json` exists is only re-announced).
+    fn abandoned(&self) -> Outcome {
+        self.broken.cancel();
+        Outcome::Abandoned
+    }
+
+    /// Awaits an ack or nack, within [`SETTLE_TIMEOUT`]: on a connection that died mid-write
+    /// lapin may never resolve it.
+    async fn settle(
+        &self,
+        r: impl std::future::Future<Output = lapin::Result<bool>>,
+        ok: Outcome,
+    ) -> Outcome {
+        match tokio::time::timeout(SETTLE_TIMEOUT, r).await {
+            Ok(Ok(_)) => ok,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not settle a delivery (channel gone?); the broker will redeliver");
+                self.abandoned()
+            }
+            Err(_) => {
+                tracing::warn!("settling a delivery timed out; the broker will redeliver");
+                self.abandoned()
+            }
+        }
+    }
+
     fn data(&self, job: &Job, attempt: u32, kind: EventKind) -> EventData {
         EventData {
             job_id: job.job_id.to_string(),
@@ -142,21 +190,30 @@ impl Ctx {
         Ok(())
     }
 
-    /// `job.started`: informational, not awaited beyond the publish itself.
-    pub async fn started(&self, h: &InHand) {
-        let event = CloudEvent::new(
-            EventKind::Started,
-            &self.worker_id,
-            self.data(&h.job, h.attempt, EventKind::Started),
-            OffsetDateTime::now_utc(),
-        );
-        if let Err(e) = self.publisher.event(&event, EventKind::Started).await {
-            tracing::warn!(job = %h.job.job_id, error = %e, "publishing job.started");
+    /// `job.started` for every job of a batch: informational, so the device does not wait for the
+    /// broker. The frames are sent here, in order (a job's `started` always precedes its terminal
+    /// event on this channel); the returned future awaits the confirms and logs refusals.
+    pub async fn started(&self, jobs: &[InHand]) -> StartedConfirms {
+        let mut pending = Vec::with_capacity(jobs.len());
+        for h in jobs {
+            let event = CloudEvent::new(
+                EventKind::Started,
+                &self.worker_id,
+                self.data(&h.job, h.attempt, EventKind::Started),
+                OffsetDateTime::now_utc(),
+            );
+            match self.publisher.send_event(&event, EventKind::Started).await {
+                Ok(p) => pending.push((h.job.job_id.to_string(), p)),
+                Err(e) => {
+                    tracing::warn!(job = %h.job.job_id, error = %e, "publishing job.started")
+                }
+            }
         }
+        StartedConfirms(pending)
     }
 
-    /// A throttled `job.progress` (transient).
-    pub async fn progress(&self, job: &Job, attempt: u32, step: usize, total: usize) {
+    /// A throttled `job.progress` (transient). False when it could not be sent.
+    pub async fn progress(&self, job: &Job, attempt: u32, step: usize, total: usize) -> bool {
         let mut data = self.data(job, attempt, EventKind::Progress);
         data.params = None;
         data.progress = Some(ProgressInfo { step, total });
@@ -166,7 +223,10 @@ impl Ctx {
             data,
             OffsetDateTime::now_utc(),
         );
-        let _ = self.publisher.event(&event, EventKind::Progress).await;
+        self.publisher
+            .event(&event, EventKind::Progress)
+            .await
+            .is_ok()
     }
 
     /// Invalid input: failure event keyed by the job id (or the message id, or a body hash), then
@@ -217,17 +277,16 @@ impl Ctx {
         self.metrics.outcome("rejected");
         if let Err(e) = self.announce(&delivery, EventKind::Failed, data).await {
             tracing::warn!(job = %key, error = %e, "could not publish the rejection; leaving the message for redelivery");
-            return Outcome::Abandoned;
+            return self.abandoned();
         }
-        settle(
-            delivery
-                .nack(BasicNackOptions {
-                    requeue: false,
-                    ..Default::default()
-                })
-                .await,
+        self.settle(
+            delivery.nack(BasicNackOptions {
+                requeue: false,
+                ..Default::default()
+            }),
             Outcome::Rejected,
         )
+        .await
     }
 
     /// A job whose `result.json` already exists (a redelivery after the work was done): re-announce.
@@ -238,12 +297,13 @@ impl Ctx {
             .await
         {
             tracing::warn!(job = %h.job.job_id, error = %e, "re-announcing");
-            return Outcome::Abandoned;
+            return self.abandoned();
         }
-        settle(
-            h.delivery.ack(BasicAckOptions::default()).await,
+        self.settle(
+            h.delivery.ack(BasicAckOptions::default()),
             Outcome::Completed,
         )
+        .await
     }
 
     /// Deadline passed or canceled before or during rendering.
@@ -264,12 +324,13 @@ impl Ctx {
         });
         self.metrics.outcome(kind.status());
         if self.announce(&h.delivery, kind, data).await.is_err() {
-            return Outcome::Abandoned;
+            return self.abandoned();
         }
-        settle(
-            h.delivery.ack(BasicAckOptions::default()).await,
+        self.settle(
+            h.delivery.ack(BasicAckOptions::default()),
             Outcome::Completed,
         )
+        .await
     }
 
     /// The pipeline failed for this job (OOM, device error, timeout): `job.failed`, dead-letter.
@@ -290,17 +351,16 @@ impl Ctx {
             .await
             .is_err()
         {
-            return Outcome::Abandoned;
+            return self.abandoned();
         }
-        settle(
-            h.delivery
-                .nack(BasicNackOptions {
-                    requeue: false,
-                    ..Default::default()
-                })
-                .await,
+        self.settle(
+            h.delivery.nack(BasicNackOptions {
+                requeue: false,
+                ..Default::default()
+            }),
             Outcome::Rejected,
         )
+        .await
     }
 
     /// Transient trouble: delayed retry, or `job.failed` at the last attempt.
@@ -314,14 +374,13 @@ impl Ctx {
             {
                 Ok(()) => {
                     self.metrics.outcome("retried");
-                    return settle(
-                        h.delivery.ack(BasicAckOptions::default()).await,
-                        Outcome::Retry,
-                    );
+                    return self
+                        .settle(h.delivery.ack(BasicAckOptions::default()), Outcome::Retry)
+                        .await;
                 }
                 Err(e) => {
                     tracing::warn!(job = %h.job.job_id, error = %e, "could not schedule the retry");
-                    return Outcome::Abandoned;
+                    return self.abandoned();
                 }
             }
         }
@@ -405,16 +464,17 @@ impl Ctx {
             .observe(upload_time.as_secs_f64());
         if let Err(e) = self.announce(&h.delivery, EventKind::Succeeded, data).await {
             tracing::warn!(job = %h.job.job_id, error = %e, "publishing job.succeeded; leaving for redelivery");
-            return Outcome::Abandoned;
+            return self.abandoned();
         }
         self.metrics.outcome("succeeded");
         self.metrics
             .images
             .inc_by(h.job.generation.num_images as u64);
-        settle(
-            h.delivery.ack(BasicAckOptions::default()).await,
+        self.settle(
+            h.delivery.ack(BasicAckOptions::default()),
             Outcome::Completed,
         )
+        .await
     }
 
     async fn upload(
@@ -461,16 +521,6 @@ impl Ctx {
             });
         }
         Ok(records)
-    }
-}
-
-fn settle(r: lapin::Result<bool>, ok: Outcome) -> Outcome {
-    match r {
-        Ok(_) => ok,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not settle a delivery (channel gone?); the broker will redeliver");
-            Outcome::Abandoned
-        }
     }
 }
 

@@ -175,7 +175,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         };
         match session(&shared, &conn, &shutdown).await {
             Ok(SessionEnd::Shutdown) => {
-                let _ = conn.close(200, "worker shutting down".into()).await;
+                close(&conn, "worker shutting down").await;
                 break;
             }
             Ok(SessionEnd::ConnectionLost(reason)) => {
@@ -186,7 +186,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
                 consecutive_failures += 1;
                 tracing::error!(error = %e, consecutive_failures, "device failure");
                 if consecutive_failures >= 3 {
-                    let _ = conn.close(200, "worker failing".into()).await;
+                    close(&conn, "worker failing").await;
                     anyhow::bail!(
                         "giving up after {consecutive_failures} consecutive device failures: {e}"
                     );
@@ -200,7 +200,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
             .metrics
             .ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        let _ = conn.close(200, "reconnecting".into()).await;
+        close(&conn, "reconnecting").await;
         tokio::time::sleep(crate::queue::backoff(
             1,
             Duration::from_millis(200),
@@ -209,6 +209,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         .await;
     }
     Ok(())
+}
+
+/// Closes a connection, without waiting long for a broker that is gone.
+async fn close(conn: &Connection, why: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, why.into())).await;
 }
 
 struct Shared {
@@ -244,6 +249,35 @@ async fn session(
     conn: &Connection,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, SessionError> {
+    // A broker that accepts the connection but never answers (still recovering its queues after a
+    // restart) must not hold the worker: setup gets a deadline, then the session starts over.
+    match tokio::time::timeout(SETUP_TIMEOUT, open_session(sh, conn)).await {
+        Ok(Ok(s)) => run_session(sh, conn, shutdown, s).await,
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Ok(SessionEnd::ConnectionLost(format!(
+            "the broker did not finish setting up the session within {SETUP_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// Longest wait for the topology declarations and consumers of a new session.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the session checks that its connection is still up, besides the consumers' own
+/// notifications.
+const CONNECTION_CHECK: Duration = Duration::from_secs(1);
+
+type LaneConsumer = (lapin::Channel, String, lapin::Consumer);
+
+/// What a session consumes from, once declared.
+struct Opened {
+    ctx: Arc<Ctx>,
+    interactive: Option<LaneConsumer>,
+    bulk: Option<LaneConsumer>,
+    control: lapin::Consumer,
+}
+
+async fn open_session(sh: &Shared, conn: &Connection) -> Result<Opened, lapin::Error> {
     let cfg = &sh.cfg;
     let publisher = Publisher::open(conn, &cfg.topology).await?;
     cfg.topology.declare(publisher.channel()).await?;
@@ -255,6 +289,7 @@ async fn session(
         metrics: sh.metrics.clone(),
         max_attempts: cfg.topology.delivery_limit.max(1),
         dtype: cfg.model.dtype_name(),
+        broken: CancellationToken::new(),
     });
 
     let mut consumers = Vec::new();
@@ -284,7 +319,7 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
-    let mut control = control_ch
+    let control = control_ch
         .basic_consume(
             control_q.name().clone(),
             "".into(),
@@ -295,11 +330,6 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
-    sh.metrics
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(worker = %cfg.worker_id, storage = %sh.store.describe(), "consuming");
-
     // One consumer per configured lane; a lane not consumed never yields.
     let mut interactive = None;
     let mut bulk = None;
@@ -309,6 +339,32 @@ async fn session(
             Lane::Bulk => bulk = Some((ch, tag, consumer)),
         }
     }
+    Ok(Opened {
+        ctx,
+        interactive,
+        bulk,
+        control,
+    })
+}
+
+async fn run_session(
+    sh: &Shared,
+    conn: &Connection,
+    shutdown: &CancellationToken,
+    opened: Opened,
+) -> Result<SessionEnd, SessionError> {
+    let cfg = &sh.cfg;
+    let Opened {
+        ctx,
+        mut interactive,
+        mut bulk,
+        mut control,
+    } = opened;
+    sh.metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(worker = %cfg.worker_id, storage = %sh.store.describe(), "consuming");
+    let mut connection_check = tokio::time::interval(CONNECTION_CHECK);
 
     let tracker = TaskTracker::new();
     let (ready_tx, mut ready_rx) = mpsc::channel::<Ready>(1024);
@@ -331,6 +387,14 @@ async fn session(
         };
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
+            _ = ctx.broken.cancelled() => {
+                break Ok(SessionEnd::ConnectionLost("a publish or acknowledgement failed".into()))
+            }
+            _ = connection_check.tick() => {
+                if !conn.status().connected() {
+                    break Ok(SessionEnd::ConnectionLost("the connection is down".into()));
+                }
+            }
             d = next_delivery(&mut interactive) => match d {
                 Some(Ok(d)) => spawn_precheck(sh, &ctx, &tracker, &ready_tx, d, Lane::Interactive),
                 Some(Err(e)) => break Ok(SessionEnd::ConnectionLost(e.to_string())),
@@ -389,26 +453,46 @@ async fn session(
             "requeueing jobs that had not started"
         );
     }
-    for (ch, tag, _) in [interactive.as_ref(), bulk.as_ref()].into_iter().flatten() {
-        let _ = ch
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+    // Each broker call is bounded: after a connection reset lapin may never resolve a pending one
+    // (seen here: the worker hung in this teardown after a broker restart). When the connection
+    // is gone the broker requeues everything unsettled by itself.
+    let connected = conn.status().connected();
+    if connected {
+        for (ch, tag, _) in [interactive.as_ref(), bulk.as_ref()].into_iter().flatten() {
+            let _ = tokio::time::timeout(
+                handler::SETTLE_TIMEOUT,
+                ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+            )
             .await;
+        }
     }
     for p in batcher.drain() {
-        let _ = p
-            .extra
-            .delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
+        if connected {
+            let _ = tokio::time::timeout(
+                handler::SETTLE_TIMEOUT,
+                p.extra.delivery.nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                }),
+            )
             .await;
+        }
     }
     if let Some(h) = inflight.take() {
-        // The batch on the device finishes (its jobs are acked when stored) unless the connection died.
-        let _ = h.await;
+        tracing::info!(connected, "waiting for the batch on the device");
+        // The batch on the device finishes (its jobs are acked when stored) unless the connection
+        // died; its render is not waited for longer than the grace period.
+        if tokio::time::timeout(cfg.grace_period, h).await.is_err() {
+            tracing::warn!(
+                "the batch on the device outlived the grace period; its jobs will be redelivered"
+            );
+        }
     }
     tracker.close();
+    tracing::info!(
+        tasks = tracker.len(),
+        "waiting for in-flight uploads and events"
+    );
     if tokio::time::timeout(cfg.grace_period, tracker.wait())
         .await
         .is_err()
@@ -546,10 +630,10 @@ async fn render_batch(
             None => started.saturating_duration_since(h.arrived),
         })
         .collect();
-    for (h, q) in jobs.iter().zip(&queued) {
+    for q in &queued {
         sh.metrics.queue_wait.observe(q.as_secs_f64());
-        ctx.started(h).await;
     }
+    tracker.spawn(ctx.started(&jobs).await.confirm_all());
     let images: Vec<ImageSpec> = jobs
         .iter()
         .flat_map(|h| h.job.generation.image_specs())
@@ -573,7 +657,10 @@ async fn render_batch(
     let progress_task = tokio::spawn(async move {
         while let Some((step, total)) = progress_rx.recv().await {
             for (job, attempt) in &progress_jobs {
-                progress_ctx.progress(job, *attempt, step, total).await;
+                if !progress_ctx.progress(job, *attempt, step, total).await {
+                    // The channel is failing: hints are not worth waiting for.
+                    return;
+                }
             }
         }
     });

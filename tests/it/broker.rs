@@ -270,6 +270,35 @@ impl World {
         by_job
     }
 
+    /// For failure messages: which of `ids` have no `job.succeeded` yet, and every event seen for them.
+    pub fn missing_report(&self, ids: &std::collections::HashSet<String>) -> String {
+        let mut missing: Vec<&String> = ids
+            .iter()
+            .filter(|id| {
+                !self
+                    .seen
+                    .iter()
+                    .any(|e| &e.subject == *id && e.kind == "t2i.job.succeeded")
+            })
+            .collect();
+        missing.sort();
+        let mut out = format!(
+            "{} of {} jobs without job.succeeded:",
+            missing.len(),
+            ids.len()
+        );
+        for id in missing {
+            let kinds: Vec<&str> = self
+                .seen
+                .iter()
+                .filter(|e| &e.subject == id)
+                .map(|e| e.kind.as_str())
+                .collect();
+            out.push_str(&format!("\n  {id}: {kinds:?}"));
+        }
+        out
+    }
+
     pub fn count_terminal_deliveries(&self, job: &str) -> usize {
         self.seen
             .iter()
@@ -319,6 +348,8 @@ pub struct WorkerProc {
     pub child: Child,
     pub http_port: u16,
     pub id: String,
+    /// Where the worker's stderr (its logs) goes.
+    pub log: std::path::PathBuf,
 }
 
 impl WorkerProc {
@@ -372,9 +403,17 @@ impl WorkerProc {
             child,
             http_port,
             id: id.to_string(),
+            log,
         };
         w.wait_ready(Duration::from_secs(60));
         w
+    }
+
+    /// The last `lines` lines of the worker's log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {

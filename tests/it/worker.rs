@@ -369,7 +369,7 @@ async fn the_worker_reconnects_after_a_broker_restart_and_finishes() {
             .await;
         ids.insert(id);
     }
-    let _w = WorkerProc::spawn(&world, "w1", &["--max-batch", "2"]);
+    let w = WorkerProc::spawn(&world, "w1", &["--max-batch", "2"]);
     let some_done = |seen: &[CloudEvent]| seen.iter().filter(|e| succeeded(e)).count() >= 3;
     assert!(
         world
@@ -381,11 +381,14 @@ async fn the_worker_reconnects_after_a_broker_restart_and_finishes() {
     rabbitmqctl(&["start_app"]);
     rabbitmqctl(&["await_startup"]);
     world.reconnect().await;
+    let finished = world
+        .collect_until(Duration::from_secs(240), all_succeeded(&ids))
+        .await;
     assert!(
-        world
-            .collect_until(Duration::from_secs(240), all_succeeded(&ids))
-            .await,
-        "not all jobs finished after the restart"
+        finished,
+        "not all jobs finished after the restart; {}\nworker log tail:\n{}",
+        world.missing_report(&ids),
+        w.log_tail(60)
     );
     world.cleanup().await;
 }
