@@ -496,8 +496,9 @@ impl Pipeline {
     }
 
     /// Un-scales final latents and decodes them to pixels in [-1, 1], `(B, 3, H, W)` f32. Images are
-    /// decoded a few at a time ([`images_per_decode`]): the decoder is bit-for-bit batch-independent
-    /// (a parity test checks), so chunking only trades per-call overhead against peak memory.
+    /// decoded a few at a time ([`images_per_decode`]): on CPU the decoder is bit-for-bit
+    /// batch-independent (every kernel works per image; a parity test checks), so chunking only
+    /// trades per-call overhead against peak memory.
     pub fn decode_to_pixels(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
         let e = PipelineError::DecodeVae;
         let c = &self.vae_config;

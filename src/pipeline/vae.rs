@@ -33,18 +33,22 @@ impl MidAttention {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        // Contiguous before the projections: candle 0.11's CPU matmul folds a batch of lhs
-        // matrices into one when the rhs is shared, which is wrong for a transposed lhs (batch
-        // item 1 onwards read the wrong rows: image 1 of a batch decoded to garbage).
-        let t = self
-            .group_norm
-            .forward(x)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let t = self.attn.forward(&t, None)?;
-        let t = t.transpose(1, 2)?.reshape((b, c, h, w))?;
-        t + x
+        let normed = self.group_norm.forward(x)?;
+        // One image at a time, so that no projection's GEMM shape depends on the batch (an image
+        // must decode to the same bits whatever it is batched with). The tokens are made
+        // contiguous first: candle 0.11's CPU matmul folds a batch of lhs matrices into one when
+        // the rhs is shared, which is wrong for a transposed lhs (image ≥ 1 read the wrong rows).
+        let mut out = Vec::with_capacity(b);
+        for i in 0..b {
+            let t = normed
+                .narrow(0, i, 1)?
+                .reshape((1, c, h * w))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let t = self.attn.forward(&t, None)?;
+            out.push(t.transpose(1, 2)?.reshape((1, c, h, w))?);
+        }
+        Tensor::cat(&out, 0)? + x
     }
 }
 
