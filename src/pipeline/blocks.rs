@@ -36,14 +36,92 @@ impl Conv {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.widen {
             let dtype = x.dtype();
-            self.inner
-                .forward(&x.to_dtype(DType::F32)?)?
-                .to_dtype(dtype)
+            self.forward_f(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
+        } else {
+            self.forward_f(x)
+        }
+    }
+
+    fn forward_f(&self, x: &Tensor) -> Result<Tensor> {
+        if self.small_same_conv_on_cpu(x)? {
+            self.forward_im2col(x)
         } else {
             self.inner.forward(x)
         }
     }
+
+    /// A k×k (k > 1), stride-1, "same"-padded f32 convolution on CPU whose per-image im2col matrix
+    /// is small. For these, candle 0.11's tiled CPU kernel spends most of its time gathering
+    /// patches one element at a time (`perf` on the plumbing workload: half of the render).
+    fn small_same_conv_on_cpu(&self, x: &Tensor) -> Result<bool> {
+        let cfg = self.inner.config();
+        let (_, c_in, kh, kw) = self.inner.weight().dims4()?;
+        let (_, _, h, w) = x.dims4()?;
+        Ok(x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.inner.weight().dtype() == DType::F32
+            && kh > 1
+            && kh == kw
+            && cfg.stride == 1
+            && cfg.dilation == 1
+            && cfg.groups == 1
+            && 2 * cfg.padding == kh - 1
+            && c_in * kh * kw * h * w <= MAX_IM2COL_ELEMENTS)
+    }
+
+    /// `W (c_out, c_in·k·k) × cols (c_in·k·k, h·w)` per image, the columns built from row copies.
+    /// Each image is one GEMM of the same shape whatever the batch, so an image's result does not
+    /// depend on what it is batched with.
+    fn forward_im2col(&self, x: &Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (b, c_in, h, w) = x.dims4()?;
+        let weight = self.inner.weight();
+        let (c_out, _, k, _) = weight.dims4()?;
+        let p = self.inner.config().padding;
+        let (hw, kk) = (h * w, c_in * k * k);
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut cols = vec![0f32; b * kk * hw];
+        cols.par_chunks_mut(kk * hw)
+            .zip(xs.par_chunks(c_in * hw))
+            .for_each(|(col, img)| {
+                for (c, plane) in img.chunks(hw).enumerate() {
+                    for dy in 0..k {
+                        for dx in 0..k {
+                            // Output (y, x) reads input (y + dy - p, x + dx - p); zero outside.
+                            let row = &mut col[((c * k + dy) * k + dx) * hw..][..hw];
+                            let x0 = p.saturating_sub(dx);
+                            let x1 = (w + p).saturating_sub(dx).min(w);
+                            if x0 >= x1 {
+                                continue;
+                            }
+                            for y in 0..h {
+                                let Some(sy) = (y + dy).checked_sub(p).filter(|&sy| sy < h) else {
+                                    continue;
+                                };
+                                let src = sy * w + x0 + dx - p;
+                                row[y * w + x0..y * w + x1]
+                                    .copy_from_slice(&plane[src..src + (x1 - x0)]);
+                            }
+                        }
+                    }
+                }
+            });
+        let cols = Tensor::from_vec(cols, (b, kk, hw), x.device())?;
+        let y = weight
+            .reshape((c_out, kk))?
+            .broadcast_left(b)?
+            .matmul(&cols)?
+            .reshape((b, c_out, h, w))?;
+        match self.inner.bias() {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?),
+            None => Ok(y),
+        }
+    }
 }
+
+/// Largest per-image im2col matrix [`Conv`] builds (elements; f32: 16 MiB). Larger convolutions
+/// (SSD-1B's at 512² and up) keep candle's kernel, whose working set is one tile.
+const MAX_IM2COL_ELEMENTS: usize = 4 << 20;
 
 pub(crate) fn conv3x3(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> Result<Conv> {
     let cfg = Conv2dConfig {

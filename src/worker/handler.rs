@@ -194,8 +194,9 @@ impl Ctx {
     /// broker. The frames are sent here, in order (a job's `started` always precedes its terminal
     /// event on this channel); the returned future awaits the confirms and logs refusals.
     pub async fn started(&self, jobs: &[InHand]) -> StartedConfirms {
-        let mut pending = Vec::with_capacity(jobs.len());
-        for h in jobs {
+        // Sent concurrently: one wake-up of the connection's writer for the whole batch instead of
+        // one per job (their relative order does not matter, only that all precede the results).
+        let sends = jobs.iter().map(|h| async move {
             let event = CloudEvent::new(
                 EventKind::Started,
                 &self.worker_id,
@@ -203,13 +204,15 @@ impl Ctx {
                 OffsetDateTime::now_utc(),
             );
             match self.publisher.send_event(&event, EventKind::Started).await {
-                Ok(p) => pending.push((h.job.job_id.to_string(), p)),
+                Ok(p) => Some((h.job.job_id.to_string(), p)),
                 Err(e) => {
-                    tracing::warn!(job = %h.job.job_id, error = %e, "publishing job.started")
+                    tracing::warn!(job = %h.job.job_id, error = %e, "publishing job.started");
+                    None
                 }
             }
-        }
-        StartedConfirms(pending)
+        });
+        let pending = futures_util::future::join_all(sends).await;
+        StartedConfirms(pending.into_iter().flatten().collect())
     }
 
     /// A throttled `job.progress` (transient). False when it could not be sent.

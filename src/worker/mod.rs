@@ -656,11 +656,16 @@ async fn render_batch(
     let progress_ctx = ctx.clone();
     let progress_task = tokio::spawn(async move {
         while let Some((step, total)) = progress_rx.recv().await {
-            for (job, attempt) in &progress_jobs {
-                if !progress_ctx.progress(job, *attempt, step, total).await {
-                    // The channel is failing: hints are not worth waiting for.
-                    return;
-                }
+            let sends = progress_jobs
+                .iter()
+                .map(|(job, attempt)| progress_ctx.progress(job, *attempt, step, total));
+            if !futures_util::future::join_all(sends)
+                .await
+                .into_iter()
+                .all(|sent| sent)
+            {
+                // The channel is failing: hints are not worth waiting for.
+                return;
             }
         }
     });

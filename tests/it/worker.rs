@@ -796,11 +796,20 @@ async fn plumbing_throughput_many_tiny_jobs_all_succeed_once() {
             .and_then(|l| l.split_whitespace().last()?.parse().ok())
             .unwrap_or(0.0)
     };
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let batches = metric("t2i_batch_images_count");
     println!(
-        "plumbing: {n} jobs in {:.2}s = {:.0} jobs/s (published in {:.2}s); time summed over jobs: inference {:.1}s (per batch), encode {:.1}s, upload {:.1}s",
+        "plumbing: {n} jobs in {:.2}s = {:.0} jobs/s (published in {:.2}s); {batches} batches of {:.1} on average; time summed over jobs: inference {:.1}s (per batch), encode {:.1}s, upload {:.1}s",
         elapsed.as_secs_f64(),
         n as f64 / elapsed.as_secs_f64(),
         published.as_secs_f64(),
+        metric("t2i_batch_images_sum") / batches.max(1.0),
         phase("inference"),
         phase("encode"),
         phase("upload"),
