@@ -404,3 +404,59 @@ impl Transformer2D {
         t + x
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::Device;
+
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn im2col_convolution_matches_candles_kernel_and_ignores_the_batch() {
+        let dev = Device::Cpu;
+        // Odd sizes and more channels out than in: every border case of the row copies.
+        for (c_in, c_out, h, w) in [(3, 5, 7, 6), (4, 2, 1, 9), (2, 3, 5, 1)] {
+            let ts = HashMap::from([
+                (
+                    "weight".to_string(),
+                    Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev).unwrap(),
+                ),
+                (
+                    "bias".to_string(),
+                    Tensor::randn(0f32, 1.0, c_out, &dev).unwrap(),
+                ),
+            ]);
+            let conv = conv3x3(
+                VarBuilder::from_tensors(ts, DType::F32, &dev),
+                c_in,
+                c_out,
+                1,
+            )
+            .unwrap();
+            let x = Tensor::randn(0f32, 1.0, (3, c_in, h, w), &dev).unwrap();
+            assert!(conv.small_same_conv_on_cpu(&x).unwrap());
+            let ours = conv.forward(&x).unwrap();
+            let candle = conv.inner.forward(&x).unwrap();
+            assert!(max_diff(&ours, &candle) < 1e-5, "{c_in}->{c_out} {h}x{w}");
+            for i in 0..3 {
+                let alone = conv.forward(&x.narrow(0, i, 1).unwrap()).unwrap();
+                assert_eq!(max_diff(&ours.narrow(0, i, 1).unwrap(), &alone), 0.0);
+            }
+        }
+    }
+}
