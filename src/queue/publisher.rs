@@ -60,6 +60,15 @@ impl PendingConfirm {
     }
 }
 
+/// One message to publish.
+struct Publish<'a> {
+    exchange: &'a str,
+    key: &'a str,
+    mandatory: bool,
+    body: &'a [u8],
+    props: BasicProperties,
+}
+
 /// A publisher-confirm channel. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -96,25 +105,44 @@ impl Publisher {
         props: BasicProperties,
         what: &str,
     ) -> Result<Delivered, QueueError> {
-        let confirm = self.channel.basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions {
-                mandatory,
-                ..Default::default()
-            },
+        let publish = Publish {
+            exchange,
+            key,
+            mandatory,
             body,
             props,
-        );
-        let confirm = tokio::time::timeout(SEND_TIMEOUT, confirm)
+        };
+        self.send(publish, what.to_string(), true)
+            .await?
+            .confirmed()
             .await
-            .map_err(|_| QueueError::Unconfirmed(what.to_string()))??;
-        PendingConfirm {
-            confirm: Some(confirm),
-            what: what.to_string(),
+    }
+
+    /// Hands one publish's frames to the connection (within [`SEND_TIMEOUT`]); the confirm is left
+    /// to the caller, or dropped when `confirm` is false (transient messages).
+    async fn send(
+        &self,
+        p: Publish<'_>,
+        what: String,
+        confirm: bool,
+    ) -> Result<PendingConfirm, QueueError> {
+        let publish = self.channel.basic_publish(
+            p.exchange.into(),
+            p.key.into(),
+            BasicPublishOptions {
+                mandatory: p.mandatory,
+                ..Default::default()
+            },
+            p.body,
+            p.props,
+        );
+        match tokio::time::timeout(SEND_TIMEOUT, publish).await {
+            Ok(sent) => Ok(PendingConfirm {
+                confirm: confirm.then_some(sent?),
+                what,
+            }),
+            Err(_) => Err(QueueError::Unconfirmed(what)),
         }
-        .confirmed()
-        .await
     }
 
     /// Publishes a job event. Terminal events are persistent, mandatory and confirmed before this
@@ -144,24 +172,15 @@ impl Publisher {
             .with_type(event.kind.as_str().into());
         let exchange = self.topology.events_exchange();
         let progress = kind == EventKind::Progress;
-        let confirm = self.channel.basic_publish(
-            exchange.as_str().into(),
-            kind.routing_key().into(),
-            BasicPublishOptions {
-                mandatory: kind.is_terminal(),
-                ..Default::default()
-            },
-            &body,
-            props.with_delivery_mode(if progress { 1 } else { 2 }),
-        );
+        let publish = Publish {
+            exchange: &exchange,
+            key: kind.routing_key(),
+            mandatory: kind.is_terminal(),
+            body: &body,
+            props: props.with_delivery_mode(if progress { 1 } else { 2 }),
+        };
         let what = format!("event {} for {}", kind.routing_key(), event.subject);
-        let confirm = tokio::time::timeout(SEND_TIMEOUT, confirm)
-            .await
-            .map_err(|_| QueueError::Unconfirmed(what.clone()))??;
-        Ok(PendingConfirm {
-            confirm: (!progress).then_some(confirm),
-            what,
-        })
+        self.send(publish, what, !progress).await
     }
 
     /// The terminal event to the job's `reply_to` queue (default exchange), with its correlation id.

@@ -191,11 +191,11 @@ impl Ctx {
     }
 
     /// `job.started` for every job of a batch: informational, so the device does not wait for the
-    /// broker. The frames are sent here, in order (a job's `started` always precedes its terminal
-    /// event on this channel); the returned future awaits the confirms and logs refusals.
+    /// broker. The frames are sent here, before the render, so a job's `started` precedes its
+    /// terminal event on this channel; the returned confirms are awaited elsewhere.
     pub async fn started(&self, jobs: &[InHand]) -> StartedConfirms {
         // Sent concurrently: one wake-up of the connection's writer for the whole batch instead of
-        // one per job (their relative order does not matter, only that all precede the results).
+        // one per job (their relative order does not matter).
         let sends = jobs.iter().map(|h| async move {
             let event = CloudEvent::new(
                 EventKind::Started,

@@ -466,8 +466,9 @@ async fn run_session(
             .await;
         }
     }
-    for p in batcher.drain() {
-        if connected {
+    let waiting = batcher.drain();
+    if connected {
+        for p in waiting {
             let _ = tokio::time::timeout(
                 handler::SETTLE_TIMEOUT,
                 p.extra.delivery.nack(BasicNackOptions {

@@ -789,13 +789,7 @@ async fn plumbing_throughput_many_tiny_jobs_all_succeed_once() {
         assert_eq!(world.count_terminal_deliveries(id), 1, "{id}");
     }
     let (_, metrics) = worker.http_get("/metrics").unwrap();
-    let phase = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(&format!("t2i_phase_seconds_sum{{phase=\"{name}\"}}")))
-            .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .unwrap_or(0.0)
-    };
+    // A sample's value by its full name with labels, e.g. `t2i_phase_seconds_sum{phase="encode"}`.
     let metric = |name: &str| -> f64 {
         metrics
             .lines()
@@ -803,6 +797,7 @@ async fn plumbing_throughput_many_tiny_jobs_all_succeed_once() {
             .and_then(|l| l.split_whitespace().last()?.parse().ok())
             .unwrap_or(0.0)
     };
+    let phase = |name: &str| metric(&format!("t2i_phase_seconds_sum{{phase=\"{name}\"}}"));
     let batches = metric("t2i_batch_images_count");
     println!(
         "plumbing: {n} jobs in {:.2}s = {:.0} jobs/s (published in {:.2}s); {batches} batches of {:.1} on average; time summed over jobs: inference {:.1}s (per batch), encode {:.1}s, upload {:.1}s",
