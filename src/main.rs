@@ -15,6 +15,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     pin_thread_count();
+    keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
@@ -69,6 +70,24 @@ fn run_worker(args: t2i_worker::cli::WorkerArgs) -> anyhow::Result<()> {
 /// candle 0.11 re-derives its thread count on every CPU matmul and, without `RAYON_NUM_THREADS`,
 /// re-reads /proc/cpuinfo each time (`num_cpus::get_physical`): 15% of the time of a small-image batch
 /// in a profile. Fix the count once, to the value candle would have chosen.
+/// mimalloc 3 hands freed memory back to the OS `purge_delay` after it is freed (1 s by default), so
+/// the next large tensor of the following step or image faults in and zeroes fresh pages again
+/// (`clear_page_erms`: over a fifth of the CPU time in a `perf` profile of SSD-1B at 512²; 5% of
+/// the wall time, `t2i bench`). A render's peak memory is needed again by the next render, so keep
+/// it. An explicit `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // `mi_option_purge_delay` in mimalloc 3's `mimalloc.h` (the 16th option; -1: never purge).
+        const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+        // SAFETY: mimalloc's options are plain integers it reads on each use; setting one is
+        // thread-safe and valid at any time.
+        #[allow(unsafe_code)]
+        unsafe {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1)
+        };
+    }
+}
+
 fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads();

@@ -9,7 +9,7 @@
 //! are off by up to 0.27, MODEL_NOTES.md) and only then cast to the model dtype.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use super::blocks::{
     Conv, Downsample2D, ResnetBlock2D, ResnetParams, Transformer2D, Upsample2D, conv3x3,
@@ -112,7 +112,7 @@ pub struct UNet {
     down: Vec<DownBlock>,
     mid: Mid,
     up: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
+    conv_norm_out: super::norm::GroupNorm,
     conv_out: Conv,
     dtype: DType,
     device: Device,
@@ -246,7 +246,7 @@ impl UNet {
             down,
             mid,
             up,
-            conv_norm_out: candle_nn::group_norm(
+            conv_norm_out: super::norm::group_norm(
                 c.norm_num_groups,
                 c0,
                 c.norm_eps,
@@ -375,7 +375,7 @@ impl UNet {
             }
         }
 
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

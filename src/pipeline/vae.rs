@@ -5,11 +5,12 @@
 //! encoder half is never loaded. The SDXL VAE overflows in f16; `Pipeline` decides the dtype (f32
 //! whenever the model dtype is f16), this module just runs in whatever dtype its weights were loaded.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
 use super::blocks::{Attention, Conv, ResnetBlock2D, ResnetParams, Upsample2D, conv1x1, conv3x3};
 use super::config::VaeConfig;
+use super::norm::{GroupNorm, group_norm};
 
 /// The decoder's mid-block self-attention: GroupNorm, one head over all channels, residual.
 struct MidAttention {
@@ -26,7 +27,7 @@ impl MidAttention {
         };
         Ok(Self {
             // diffusers UNetMidBlock2D(resnet_eps=1e-6) passes eps 1e-6 to the attention's GroupNorm.
-            group_norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
             attn,
         })
     }
@@ -128,7 +129,7 @@ impl VaeDecoder {
                 .transpose()?,
             mid_resnet_2: resnet(mid.pp("resnets.1"), top, top)?,
             up,
-            conv_norm_out: candle_nn::group_norm(groups, c0, 1e-6, dec.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(groups, c0, 1e-6, dec.pp("conv_norm_out"))?,
             conv_out: conv3x3(dec.pp("conv_out"), c0, c.out_channels, 1)?,
         })
     }
@@ -153,7 +154,7 @@ impl VaeDecoder {
                 x = u.forward(&x, None)?;
             }
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }
