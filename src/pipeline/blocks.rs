@@ -384,8 +384,6 @@ impl Transformer2D {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use candle_core::Device;
 
     use super::*;
@@ -407,33 +405,32 @@ mod tests {
     fn banded_convolution_matches_candles_kernel_and_ignores_the_batch() {
         let dev = Device::Cpu;
         // Odd sizes and more channels out than in: every border case of the row copies.
-        // (8, 16, 70, 33) runs as four bands of rows, the last one shorter.
-        for (c_in, c_out, h, w) in [(3, 5, 7, 6), (4, 2, 1, 9), (2, 3, 5, 1), (8, 16, 70, 33)] {
-            let ts = HashMap::from([
-                (
-                    "weight".to_string(),
-                    Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev).unwrap(),
-                ),
-                (
-                    "bias".to_string(),
-                    Tensor::randn(0f32, 1.0, c_out, &dev).unwrap(),
-                ),
-            ]);
-            let conv = conv3x3(
-                VarBuilder::from_tensors(ts, DType::F32, &dev),
-                c_in,
-                c_out,
-                1,
-            )
-            .unwrap();
+        // (8, 16, 70, 33) runs as four bands of rows, the last one shorter; the 5×5 case has no bias.
+        for (c_in, c_out, h, w, k, bias) in [
+            (3, 5, 7, 6, 3, true),
+            (4, 2, 1, 9, 3, true),
+            (2, 3, 5, 1, 3, true),
+            (8, 16, 70, 33, 3, true),
+            (3, 4, 9, 8, 5, false),
+        ] {
+            let weight = Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev).unwrap();
+            let bias = bias.then(|| Tensor::randn(0f32, 1.0, c_out, &dev).unwrap());
+            let cfg = Conv2dConfig {
+                padding: (k - 1) / 2,
+                ..Default::default()
+            };
+            let conv = Conv {
+                inner: Conv2d::new(weight, bias, cfg),
+                widen: false,
+            };
             let x = Tensor::randn(0f32, 1.0, (3, c_in, h, w), &dev).unwrap();
             assert!(conv.same_conv_on_cpu(&x).unwrap().is_some());
             let ours = conv.forward(&x).unwrap();
             let candle = conv.inner.forward(&x).unwrap();
-            // Relative to the output's scale: sums of c_in·9 products of unit normals.
+            // Relative to the output's scale: sums of c_in·k² products of unit normals.
             let d = max_diff(&ours, &candle);
-            let bound = 2e-6 * (c_in as f32 * 9.0).sqrt();
-            assert!(d < bound, "{c_in}->{c_out} {h}x{w}: {d} > {bound}");
+            let bound = 2e-6 * ((c_in * k * k) as f32).sqrt();
+            assert!(d < bound, "{c_in}->{c_out} {h}x{w} k{k}: {d} > {bound}");
             for i in 0..3 {
                 let alone = conv.forward(&x.narrow(0, i, 1).unwrap()).unwrap();
                 assert_eq!(max_diff(&ours.narrow(0, i, 1).unwrap(), &alone), 0.0);
