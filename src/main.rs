@@ -67,14 +67,11 @@ fn run_worker(args: t2i_worker::cli::WorkerArgs) -> anyhow::Result<()> {
     })
 }
 
-/// candle 0.11 re-derives its thread count on every CPU matmul and, without `RAYON_NUM_THREADS`,
-/// re-reads /proc/cpuinfo each time (`num_cpus::get_physical`): 15% of the time of a small-image batch
-/// in a profile. Fix the count once, to the value candle would have chosen.
 /// mimalloc 3 hands freed memory back to the OS `purge_delay` after it is freed (1 s by default), so
 /// the next large tensor of the following step or image faults in and zeroes fresh pages again
-/// (`clear_page_erms`: over a fifth of the CPU time in a `perf` profile of SSD-1B at 512²; 5% of
-/// the wall time, `t2i bench`). A render's peak memory is needed again by the next render, so keep
-/// it. An explicit `MIMALLOC_PURGE_DELAY` in the environment still wins.
+/// (`clear_page_erms` in `perf`; about 5% of a UNet step's wall time at 256² and 512², `t2i bench`).
+/// A render's peak memory is needed again by the next render, so keep it. An explicit
+/// `MIMALLOC_PURGE_DELAY` in the environment still wins.
 fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // `mi_option_purge_delay` in mimalloc 3's `mimalloc.h` (the 16th option; -1: never purge).
@@ -88,6 +85,9 @@ fn keep_freed_memory() {
     }
 }
 
+/// candle 0.11 re-derives its thread count on every CPU matmul and, without `RAYON_NUM_THREADS`,
+/// re-reads /proc/cpuinfo each time (`num_cpus::get_physical`): 15% of the time of a small-image batch
+/// in a profile. Fix the count once, to the value candle would have chosen.
 fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads();

@@ -78,8 +78,7 @@ impl Conv {
     }
 
     fn forward_banded(&self, x: &Tensor, shape: SameConv) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        let out = with_cpu_f32(&x, |xs| {
+        let out = with_cpu_f32(x, |xs| {
             with_cpu_f32(self.inner.weight(), |ws| match self.inner.bias() {
                 Some(bias) => with_cpu_f32(bias, |bs| Ok(shape.forward(xs, ws, Some(bs)))),
                 None => Ok(shape.forward(xs, ws, None)),

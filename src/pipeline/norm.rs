@@ -60,8 +60,12 @@ impl GroupNorm {
         let dims = x.dims();
         let (b, c) = (dims[0], dims[1]);
         let spatial: usize = dims[2..].iter().product();
-        if c % self.groups != 0 {
-            candle_core::bail!("GroupNorm: {c} channels in {} groups", self.groups);
+        // The channel count was checked against the groups at load; the input must match it.
+        if c != self.weight.dim(0)? {
+            candle_core::bail!(
+                "GroupNorm: input has {c} channels, weights {}",
+                self.weight.dim(0)?
+            );
         }
         let out = with_cpu_f32(x, |xs| {
             with_cpu_f32(&self.weight, |w| {
