@@ -85,7 +85,7 @@ impl SameConv {
                 let (img, band) = (item / bands, item % bands);
                 let (r0, r1) = (band * rows, (band * rows + rows).min(h));
                 let n = (r1 - r0) * w;
-                cols.clear();
+                // Every element is written by `fill_band`: no need to clear what a previous band left.
                 cols.resize(kk * n, 0.0);
                 self.fill_band(&x[img * c_in * hw..][..c_in * hw], cols, r0, r1);
                 // SAFETY: the destination is element (i, j) at `out[img·c_out·hw + r0·w + i·hw + j]`
@@ -122,7 +122,7 @@ impl SameConv {
 
     /// Column matrix of output rows `r0..r1` of one image: row `(c·k + dy)·k + dx` holds input
     /// channel `c` shifted by `(dy - p, dx - p)` (zero outside the image), one output pixel per
-    /// column.
+    /// column. Writes every element of `cols[..c_in·k·k·n]`.
     fn fill_band(&self, img: &[f32], cols: &mut [f32], r0: usize, r1: usize) {
         let (h, w, k) = (self.h, self.w, self.k);
         let p = (k - 1) / 2;
@@ -131,19 +131,21 @@ impl SameConv {
             for dy in 0..k {
                 for dx in 0..k {
                     let row = &mut cols[((c * k + dy) * k + dx) * n..][..n];
-                    // Output x reads input x + dx - p: valid for x in x0..x1.
-                    let x0 = p.saturating_sub(dx);
-                    let x1 = (w + p).saturating_sub(dx).min(w);
-                    if x0 >= x1 {
-                        continue;
-                    }
+                    // Output x reads input x + dx - p: valid for x in x0..x1 (possibly empty).
+                    let x0 = p.saturating_sub(dx).min(w);
+                    let x1 = (w + p).saturating_sub(dx).clamp(x0, w);
                     for y in r0..r1 {
+                        let out = &mut row[(y - r0) * w..][..w];
                         let Some(sy) = (y + dy).checked_sub(p).filter(|&sy| sy < h) else {
+                            out.fill(0.0);
                             continue;
                         };
-                        let src = sy * w + x0 + dx - p;
-                        let at = (y - r0) * w;
-                        row[at + x0..at + x1].copy_from_slice(&plane[src..src + (x1 - x0)]);
+                        let src = (sy * w + x0 + dx).wrapping_sub(p);
+                        out[..x0].fill(0.0);
+                        if x0 < x1 {
+                            out[x0..x1].copy_from_slice(&plane[src..src + (x1 - x0)]);
+                        }
+                        out[x1..].fill(0.0);
                     }
                 }
             }
