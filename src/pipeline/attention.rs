@@ -3,9 +3,14 @@
 //! Inputs are `(batch, tokens, heads × head_dim)` as the projections produce them. On CUDA with the
 //! `flash-attn` feature and a half dtype the fused kernel is used; otherwise the textbook form runs with
 //! the softmax in f32 (diffusers' SDPA accumulates in f32 for half inputs too). Masks are additive.
+//! Unmasked f32 attention on CPU (the UNet's and the VAE's) runs as blocked GEMM + softmax tasks
+//! that never build the whole score tensor (`cpu_ops::attention`).
 //! This file has no weights; projections live with their modules.
 
 use candle_core::{DType, Result, Tensor};
+
+use super::blocks::with_cpu_f32;
+use super::cpu_ops::{self, AttentionShape};
 
 /// Most elements of one `(B, H, Nq, Nk)` score tensor. cuBLAS's batched GEMM fails
 /// (`CUBLAS_STATUS_EXECUTION_FAILED`, measured on an H100 at 1024², batch 8 with CFG: 16 × 10 heads ×
@@ -83,6 +88,32 @@ fn attention_once(
         let v = v.reshape((b, nk, heads, head_dim))?;
         let out = candle_flash_attn::flash_attn(&q, &k, &v, scale as f32, false)?;
         return out.reshape((b, nq, inner));
+    }
+
+    // Shapes that do not fit (a width not divisible by the heads, k/v of another width) fall
+    // through to candle's ops, which report them as errors.
+    if mask.is_none()
+        && q.device().is_cpu()
+        && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
+        && head_dim * heads == inner
+        && k.dims3()? == (b, nk, inner)
+        && v.dims3()? == (b, nk, inner)
+    {
+        let shape = AttentionShape {
+            b,
+            nq,
+            nk,
+            heads,
+            head_dim,
+        };
+        let out = with_cpu_f32(q, |qs| {
+            with_cpu_f32(k, |ks| {
+                with_cpu_f32(v, |vs| {
+                    Ok(cpu_ops::attention(qs, ks, vs, shape, scale as f32))
+                })
+            })
+        })?;
+        return Tensor::from_vec(out, (b, nq, inner), q.device());
     }
 
     let split = |x: &Tensor, n: usize| -> Result<Tensor> {

@@ -5,10 +5,11 @@
 //! differ between callers (groups, eps) are parameters.
 
 use candle_core::{DType, Module, Result, Storage, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 
 use super::attention::attention;
 use super::cpu_conv::SameConv;
+use super::cpu_ops;
 use super::norm::{GroupNorm, group_norm};
 
 /// A 2-D convolution. candle's CPU backend has no bf16 convolution kernel, so on CPU in bf16 the
@@ -99,6 +100,43 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -
     f(&all[layout.start_offset()..][..layout.shape().elem_count()])
 }
 
+/// A linear layer (PyTorch `Linear` weights, `(out, in)`). On CPU in f32 it runs as one GEMM on top of
+/// the broadcast bias ([`cpu_ops::linear`]); elsewhere as candle-nn's.
+pub(crate) struct Linear(candle_nn::Linear);
+
+impl Linear {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.0.weight();
+        let fast = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+        if !fast {
+            return self.0.forward(x);
+        }
+        let (n, k) = w.dims2()?;
+        let dims = x.dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("Linear: input {:?}, weight ({n}, {k})", x.shape());
+        }
+        let rows = x.elem_count() / k.max(1);
+        let out = with_cpu_f32(x, |xs| {
+            with_cpu_f32(w, |ws| match self.0.bias() {
+                Some(b) => with_cpu_f32(b, |bs| Ok(cpu_ops::linear(xs, rows, k, ws, Some(bs), n))),
+                None => Ok(cpu_ops::linear(xs, rows, k, ws, None, n)),
+            })
+        })?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("checked above") = n;
+        Tensor::from_vec(out, shape, x.device())
+    }
+}
+
+pub(crate) fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear(c_in, c_out, vb).map(Linear)
+}
+
+pub(crate) fn linear_no_bias(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear_no_bias(c_in, c_out, vb).map(Linear)
+}
+
 pub(crate) fn conv3x3(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> Result<Conv> {
     let cfg = Conv2dConfig {
         padding: 1,
@@ -146,7 +184,7 @@ impl ResnetBlock2D {
             conv1: conv3x3(vb.pp("conv1"), p.c_in, p.c_out, 1)?,
             time_emb_proj: p
                 .temb
-                .map(|t| candle_nn::linear(t, p.c_out, vb.pp("time_emb_proj")))
+                .map(|t| linear(t, p.c_out, vb.pp("time_emb_proj")))
                 .transpose()?,
             norm2: group_norm(p.groups, p.c_out, p.eps, vb.pp("norm2"))?,
             conv2: conv3x3(vb.pp("conv2"), p.c_out, p.c_out, 1)?,
@@ -236,16 +274,16 @@ impl Attention {
     ) -> Result<Self> {
         let proj = |name: &str, i: usize| {
             if bias {
-                candle_nn::linear(i, query_dim, vb.pp(name))
+                linear(i, query_dim, vb.pp(name))
             } else {
-                candle_nn::linear_no_bias(i, query_dim, vb.pp(name))
+                linear_no_bias(i, query_dim, vb.pp(name))
             }
         };
         Ok(Self {
             to_q: proj("to_q", query_dim)?,
             to_k: proj("to_k", kv_dim)?,
             to_v: proj("to_v", kv_dim)?,
-            to_out: candle_nn::linear(query_dim, query_dim, vb.pp("to_out.0"))?,
+            to_out: linear(query_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
         })
     }
@@ -253,10 +291,10 @@ impl Attention {
     /// Same layer from pre-0.14 diffusers VAE checkpoints (`query`/`key`/`value`/`proj_attn`).
     pub(crate) fn load_legacy(vb: VarBuilder, dim: usize) -> Result<Self> {
         Ok(Self {
-            to_q: candle_nn::linear(dim, dim, vb.pp("query"))?,
-            to_k: candle_nn::linear(dim, dim, vb.pp("key"))?,
-            to_v: candle_nn::linear(dim, dim, vb.pp("value"))?,
-            to_out: candle_nn::linear(dim, dim, vb.pp("proj_attn"))?,
+            to_q: linear(dim, dim, vb.pp("query"))?,
+            to_k: linear(dim, dim, vb.pp("key"))?,
+            to_v: linear(dim, dim, vb.pp("value"))?,
+            to_out: linear(dim, dim, vb.pp("proj_attn"))?,
             heads: 1,
         })
     }
@@ -282,13 +320,24 @@ impl GegluFeedForward {
     fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = 4 * dim; // FeedForward(mult=4)
         Ok(Self {
-            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
+        let width = h.dims().last().copied().unwrap_or(0);
+        if h.device().is_cpu() && h.dtype() == DType::F32 && width > 0 && width % 2 == 0 {
+            let dims = h.dims();
+            let inner = width / 2;
+            let out = with_cpu_f32(&h, |hs| Ok(cpu_ops::geglu(hs, inner)))?;
+            let mut shape = dims.to_vec();
+            *shape
+                .last_mut()
+                .expect("a linear layer's output has a last dimension") = inner;
+            return self.out.forward(&Tensor::from_vec(out, shape, h.device())?);
+        }
         let halves = h.chunk(2, candle_core::D::Minus1)?;
         self.out.forward(&(&halves[0] * halves[1].gelu_erf()?)?)
     }
@@ -358,9 +407,9 @@ impl Transformer2D {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
-            proj_in: candle_nn::linear(channels, channels, vb.pp("proj_in"))?,
+            proj_in: linear(channels, channels, vb.pp("proj_in"))?,
             blocks,
-            proj_out: candle_nn::linear(channels, channels, vb.pp("proj_out"))?,
+            proj_out: linear(channels, channels, vb.pp("proj_out"))?,
         })
     }
 

@@ -7,9 +7,10 @@
 //! transformers 5 carry it on `CLIPTextModel`, newer ones do not. Tokenization lives in `tokenizer.rs`.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use super::attention::attention;
+use super::blocks::{Linear, linear, linear_no_bias};
 use super::config::{ClipActivation, ClipConfig};
 
 struct Mlp {
@@ -47,14 +48,14 @@ impl EncoderLayer {
         let attn = vb.pp("self_attn");
         Ok(Self {
             layer_norm1: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: candle_nn::linear(d, d, attn.pp("q_proj"))?,
-            k_proj: candle_nn::linear(d, d, attn.pp("k_proj"))?,
-            v_proj: candle_nn::linear(d, d, attn.pp("v_proj"))?,
-            out_proj: candle_nn::linear(d, d, attn.pp("out_proj"))?,
+            q_proj: linear(d, d, attn.pp("q_proj"))?,
+            k_proj: linear(d, d, attn.pp("k_proj"))?,
+            v_proj: linear(d, d, attn.pp("v_proj"))?,
+            out_proj: linear(d, d, attn.pp("out_proj"))?,
             layer_norm2: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
             mlp: Mlp {
-                fc1: candle_nn::linear(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
-                fc2: candle_nn::linear(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
+                fc1: linear(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
+                fc2: linear(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
                 activation: c.activation,
             },
             heads: c.num_attention_heads,
@@ -116,11 +117,7 @@ impl ClipTextEncoder {
                     c.layer_norm_eps,
                     vb.pp("final_layer_norm"),
                 )?),
-                Some(candle_nn::linear_no_bias(
-                    d,
-                    proj_dim,
-                    root.pp("text_projection"),
-                )?),
+                Some(linear_no_bias(d, proj_dim, root.pp("text_projection"))?),
             )
         } else {
             (None, None)

@@ -13,6 +13,7 @@ pub mod clip;
 pub mod config;
 pub mod cost;
 mod cpu_conv;
+mod cpu_ops;
 pub mod denoise;
 mod norm;
 pub mod runner;

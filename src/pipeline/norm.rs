@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::blocks::with_cpu_f32;
+use super::cpu_ops;
 
 pub(crate) struct GroupNorm {
     inner: candle_nn::GroupNorm,
@@ -116,16 +117,7 @@ fn group_norm_f32(
             for (ch, (out, xs)) in out.chunks_mut(spatial).zip(xs.chunks(spatial)).enumerate() {
                 let scale = (inv_std * weight[first + ch] as f64) as f32;
                 let shift = bias[first + ch];
-                if silu {
-                    for (y, &v) in out.iter_mut().zip(xs) {
-                        let t = (v - mean) * scale + shift;
-                        *y = t / (1.0 + (-t).exp());
-                    }
-                } else {
-                    for (y, &v) in out.iter_mut().zip(xs) {
-                        *y = (v - mean) * scale + shift;
-                    }
-                }
+                cpu_ops::group_norm_channel(xs, out, (mean, scale, shift), silu);
             }
         });
     out

@@ -8,8 +8,10 @@
 //! Sinusoids are computed on the host in f32 as diffusers' `get_timestep_embedding` does (in f16 they
 //! are off by up to 0.27, MODEL_NOTES.md) and only then cast to the model dtype.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::blocks::{Linear, linear};
 
 use super::blocks::{
     Conv, Downsample2D, ResnetBlock2D, ResnetParams, Transformer2D, Upsample2D, conv3x3,
@@ -51,8 +53,8 @@ struct Mlp {
 impl Mlp {
     fn load(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(c_in, c_out, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(c_out, c_out, vb.pp("linear_2"))?,
+            linear_1: linear(c_in, c_out, vb.pp("linear_1"))?,
+            linear_2: linear(c_out, c_out, vb.pp("linear_2"))?,
         })
     }
 
