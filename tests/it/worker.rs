@@ -599,12 +599,15 @@ async fn deadlines_reply_to_reannouncement_and_cancellation_follow_the_contract(
     );
     assert_eq!(asked[0].data.images, asked[1].data.images);
 
-    // 4. A canceled batch: jobs waiting behind a long one are dropped with job.canceled.
+    // 4. A canceled batch: jobs waiting behind a long one are dropped with job.canceled. "long"
+    // must still be rendering when the cancel arrives: it is sized to take seconds (a fixed 300 ms
+    // wait stopped being enough once the CPU kernels got faster), and the cancel is sent only once
+    // it has started.
     world
         .publish(
             Lane::Interactive,
             "long",
-            &job("long", 64, 64, 40, "euler", 1, 1),
+            &job("long", 128, 128, 100, "euler", 1, 1),
         )
         .await;
     for i in 0..3 {
@@ -615,7 +618,15 @@ async fn deadlines_reply_to_reannouncement_and_cancellation_follow_the_contract(
             .publish(Lane::Interactive, &id, body.to_string().as_bytes())
             .await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let long_started = |seen: &[CloudEvent]| {
+        seen.iter()
+            .any(|e| e.kind == "t2i.job.started" && e.subject == "long")
+    };
+    assert!(
+        world
+            .collect_until(Duration::from_secs(60), long_started)
+            .await
+    );
     world
         .publisher
         .channel()
