@@ -436,17 +436,17 @@ mod tests {
 
     use super::*;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
+    fn max_element(t: &Tensor) -> f32 {
+        t.flatten_all()
             .unwrap()
             .max(0)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        max_element(&(a - b).unwrap().abs().unwrap())
     }
 
     #[test]
@@ -488,14 +488,8 @@ mod tests {
             // element is off by O(Σ|terms|), some 10⁴ times more.
             let gamma = (c_in * k * k + 1) as f64 * f32::EPSILON as f64 / 2.0;
             let allowed = (magnitude.forward(&x.abs().unwrap()).unwrap() * (2.2 * gamma)).unwrap();
-            let excess = ((&ours - &candle).unwrap().abs().unwrap() - allowed)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let excess =
+                max_element(&((&ours - &candle).unwrap().abs().unwrap() - allowed).unwrap());
             assert!(
                 excess <= 0.0,
                 "{c_in}->{c_out} {h}x{w} k{k}: {} over the rounding bound by {excess}",

@@ -16,6 +16,8 @@
 
 use rayon::prelude::*;
 
+use super::cpu_ops::OutPtr;
+
 /// Shape of one convolution: input `(b, c_in, h, w)`, weight `(c_out, c_in, k, k)`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SameConv {
@@ -150,18 +152,5 @@ impl SameConv {
                 }
             }
         }
-    }
-}
-
-/// The output buffer's base pointer, shared by the band workers (see the SAFETY note above).
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: workers only write disjoint elements through it, while `forward` holds the buffer.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    // A method, so closures capture the whole wrapper rather than the raw pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }

@@ -24,9 +24,9 @@ use rayon::prelude::*;
 /// baseline, and runs the best one the CPU has. The body must be plain Rust: the point is to let
 /// LLVM vectorize it with wider registers than the crate's baseline target (SSE2) allows.
 macro_rules! multiversioned {
-    ($(#[$attr:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$attr])*
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn imp($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -174,7 +174,7 @@ multiversioned! {
 multiversioned! {
     /// `y = silu((x - mean) · scale + shift)` (or without the SiLU) over one channel: the fused
     /// GroupNorm's last pass (`norm.rs`).
-    fn normalize_channel(
+    pub(crate) fn normalize_channel(
         xs: &[f32],
         out: &mut [f32],
         mean: f32,
@@ -192,16 +192,6 @@ multiversioned! {
             }
         }
     }
-}
-
-/// [`normalize_channel`], for the fused GroupNorm.
-pub(crate) fn group_norm_channel(
-    xs: &[f32],
-    out: &mut [f32],
-    (mean, scale, shift): (f32, f32, f32),
-    silu: bool,
-) {
-    normalize_channel(xs, out, mean, scale, shift, silu)
 }
 
 /// Rows of `2·inner` elements in, rows of `inner` out: diffusers' `GEGLU` after its projection.
@@ -384,15 +374,17 @@ pub(crate) fn attention(
     out
 }
 
-/// The output buffer's base pointer, shared by the attention tasks (see the SAFETY note above).
+/// An output buffer's base pointer, shared by parallel tasks that each write their own disjoint
+/// part of it (attention here, the convolution's bands in `cpu_conv.rs`; see their SAFETY notes).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks only write disjoint elements through it, while `attention` holds the buffer.
+pub(super) struct OutPtr(pub(super) *mut f32);
+// SAFETY: tasks only write disjoint elements through it, while the function that created it holds
+// the buffer and reads nothing until the tasks have returned.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
     // A method, so closures capture the whole wrapper rather than the raw pointer field.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -117,7 +117,7 @@ fn group_norm_f32(
             for (ch, (out, xs)) in out.chunks_mut(spatial).zip(xs.chunks(spatial)).enumerate() {
                 let scale = (inv_std * weight[first + ch] as f64) as f32;
                 let shift = bias[first + ch];
-                cpu_ops::group_norm_channel(xs, out, (mean, scale, shift), silu);
+                cpu_ops::normalize_channel(xs, out, mean, scale, shift, silu);
             }
         });
     out
