@@ -53,7 +53,7 @@ impl Conv {
     }
 
     /// The shape, when this is a k×k (k > 1), stride-1, "same"-padded f32 convolution on CPU: those
-    /// run as banded im2col + GEMM ([`SameConv`]) instead of candle's kernel.
+    /// run as banded Winograd or im2col + GEMM ([`SameConv`]) instead of candle's kernel.
     fn same_conv_on_cpu(&self, x: &Tensor) -> Result<Option<SameConv>> {
         let cfg = self.inner.config();
         let weight = self.inner.weight();
@@ -494,6 +494,93 @@ mod tests {
                 excess <= 0.0,
                 "{c_in}->{c_out} {h}x{w} k{k}: {} over the rounding bound by {excess}",
                 max_diff(&ours, &candle)
+            );
+            for i in 0..3 {
+                let alone = conv.forward(&x.narrow(0, i, 1).unwrap()).unwrap();
+                assert_eq!(max_diff(&ours.narrow(0, i, 1).unwrap(), &alone), 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn winograd_convolution_is_within_its_rounding_bound_and_ignores_the_batch() {
+        let dev = Device::Cpu;
+        // Odd and even sizes (partial tiles at the right and bottom), one row, one column, and
+        // (16, 20, 70, 19) in several bands of tile rows, the last one shorter.
+        for (c_in, c_out, h, w, bias) in [
+            (16, 16, 8, 8, true),
+            (16, 24, 9, 7, true),
+            (20, 16, 1, 5, false),
+            (16, 17, 6, 1, true),
+            (16, 20, 70, 19, true),
+        ] {
+            let weight = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev).unwrap();
+            let bias = bias.then(|| Tensor::randn(0f32, 1.0, c_out, &dev).unwrap());
+            let cfg = Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let conv = Conv {
+                inner: Conv2d::new(weight.clone(), bias.clone(), cfg),
+                widen: false,
+            };
+            let x = Tensor::randn(0f32, 1.0, (3, c_in, h, w), &dev).unwrap();
+            let shape = conv.same_conv_on_cpu(&x).unwrap().unwrap();
+            assert!(shape.uses_winograd());
+            let ours = conv.forward(&x).unwrap();
+            let f64_conv = Conv2d::new(
+                weight.to_dtype(DType::F64).unwrap(),
+                bias.as_ref().map(|b| b.to_dtype(DType::F64).unwrap()),
+                cfg,
+            );
+            let exact = f64_conv
+                .forward(&x.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            // Every quantity Winograd F(2×2, 3×3) computes for an output is a signed sum of
+            // products g·d of one channel's taps and the 16 inputs of its tile: |G g Gᵀ| ≤ Σ|g|
+            // (G's products are ≤ 1), |Bᵀ d B| ≤ Σ|d| (B's entries are 0, ±1), and each output adds
+            // 9 of the 16 products (Aᵀ, A: three ±1 per row). So S = 9·Σ_c Σ|g_c|·Σ_tile|d_c|
+            // (+ |bias|) bounds every intermediate, and the result is within γₙ·S of the exact
+            // value with n = c_in + 16 rounding steps at most (weights 4, input 4, GEMM c_in,
+            // output 4, bias 1; Higham §3.1); 2× for slack. A misplaced element is off by
+            // O(Σ|g·d|), about S/144, over 10³ times more than the bound.
+            let gamma = (c_in + 16) as f64 * f32::EPSILON as f64 / 2.0;
+            let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+            let tap_sums = weight.abs().unwrap().sum_keepdim((2, 3)).unwrap();
+            let tile_kernel = (tap_sums.broadcast_as((c_out, c_in, 4, 4)).unwrap() * 9.0)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let padded = x
+                .abs()
+                .unwrap()
+                .pad_with_zeros(2, 0, 2 * th - h)
+                .unwrap()
+                .pad_with_zeros(3, 0, 2 * tw - w)
+                .unwrap();
+            let per_tile = padded.conv2d(&tile_kernel, 1, 2, 1, 1).unwrap();
+            assert_eq!(per_tile.dims4().unwrap(), (3, c_out, th, tw));
+            let mut magnitude = per_tile
+                .upsample_nearest2d(2 * th, 2 * tw)
+                .unwrap()
+                .narrow(2, 0, h)
+                .unwrap()
+                .narrow(3, 0, w)
+                .unwrap();
+            if let Some(bias) = &bias {
+                magnitude = magnitude
+                    .broadcast_add(&bias.abs().unwrap().reshape((1, c_out, 1, 1)).unwrap())
+                    .unwrap();
+            }
+            let allowed = (magnitude * (2.0 * gamma)).unwrap();
+            let excess =
+                max_element(&((&ours - &exact).unwrap().abs().unwrap() - allowed).unwrap());
+            assert!(
+                excess <= 0.0,
+                "{c_in}->{c_out} {h}x{w}: {} over the rounding bound by {excess}",
+                max_diff(&ours, &exact)
             );
             for i in 0..3 {
                 let alone = conv.forward(&x.narrow(0, i, 1).unwrap()).unwrap();
