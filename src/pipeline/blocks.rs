@@ -506,13 +506,13 @@ mod tests {
     fn winograd_convolution_is_within_its_rounding_bound_and_ignores_the_batch() {
         let dev = Device::Cpu;
         // Odd and even sizes (partial tiles at the right and bottom), one row, one column, and
-        // (16, 20, 70, 19) in several bands of tile rows, the last one shorter.
+        // (32, 36, 70, 19) in several bands of tile rows, the last one shorter.
         for (c_in, c_out, h, w, bias) in [
-            (16, 16, 8, 8, true),
-            (16, 24, 9, 7, true),
-            (20, 16, 1, 5, false),
-            (16, 17, 6, 1, true),
-            (16, 20, 70, 19, true),
+            (32, 32, 8, 8, true),
+            (32, 40, 9, 7, true),
+            (36, 32, 1, 5, false),
+            (32, 33, 6, 1, true),
+            (32, 36, 70, 19, true),
         ] {
             let weight = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev).unwrap();
             let bias = bias.then(|| Tensor::randn(0f32, 1.0, c_out, &dev).unwrap());
