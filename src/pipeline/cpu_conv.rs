@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu_ops::OutPtr;
+use super::cpu_ops::{Operand, OutPtr, gemm_f32};
 
 /// Shape of one convolution: input `(b, c_in, h, w)`, weight `(c_out, c_in, k, k)`.
 #[derive(Clone, Copy, Debug)]
@@ -126,25 +126,22 @@ impl SameConv {
                     // are owned here and alive for the call; `read_dst` is false, so `m`'s old
                     // contents are never read.
                     unsafe {
-                        gemm::gemm(
-                            c_out,
-                            tiles,
-                            c_in,
+                        gemm_f32(
+                            (c_out, tiles, c_in),
                             s.m.as_mut_ptr().add(xi * c_out * tiles),
-                            1,
-                            tiles as isize,
+                            tiles,
                             false,
-                            u.as_ptr().add(xi * c_in),
-                            1,
-                            (16 * c_in) as isize,
-                            s.v.as_ptr().add(xi * c_in * tiles),
-                            1,
-                            tiles as isize,
-                            0.0,
+                            Operand {
+                                ptr: u.as_ptr().add(xi * c_in),
+                                rs: 16 * c_in,
+                                cs: 1,
+                            },
+                            Operand {
+                                ptr: s.v.as_ptr().add(xi * c_in * tiles),
+                                rs: tiles,
+                                cs: 1,
+                            },
                             1.0,
-                            false,
-                            false,
-                            false,
                             gemm::Parallelism::None,
                         );
                     }
@@ -284,25 +281,22 @@ impl SameConv {
                 // nothing reads `out` until the parallel loop has returned. `weight` is c_out × kk
                 // and `cols` kk × n, both contiguous and alive for the call.
                 unsafe {
-                    gemm::gemm(
-                        c_out,
-                        n,
-                        kk,
+                    gemm_f32(
+                        (c_out, n, kk),
                         dst.get().add(img * c_out * hw + r0 * w),
-                        1,
-                        hw as isize,
+                        hw,
                         bias.is_some(),
-                        weight.as_ptr(),
-                        1,
-                        kk as isize,
-                        cols.as_ptr(),
-                        1,
-                        n as isize,
+                        Operand {
+                            ptr: weight.as_ptr(),
+                            rs: kk,
+                            cs: 1,
+                        },
+                        Operand {
+                            ptr: cols.as_ptr(),
+                            rs: n,
+                            cs: 1,
+                        },
                         1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
                         gemm::Parallelism::None,
                     );
                 }

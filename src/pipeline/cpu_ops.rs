@@ -233,25 +233,22 @@ pub(crate) fn linear(
     // transpose of `w` read through strides (element (i, j) = w[j·k + i]); all three buffers hold
     // exactly those elements (asserted above) and live for the call.
     unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
+        gemm_f32(
+            (rows, n, k),
             out.as_mut_ptr(),
-            1,
-            n as isize,
+            n,
             bias.is_some(),
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
+            Operand {
+                ptr: x.as_ptr(),
+                rs: k,
+                cs: 1,
+            },
+            Operand {
+                ptr: w.as_ptr(),
+                rs: 1,
+                cs: k,
+            },
             1.0,
-            1.0,
-            false,
-            false,
-            false,
             gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
@@ -322,56 +319,101 @@ pub(crate) fn attention(
             // and nothing reads `out` until the parallel loop has returned.
             unsafe {
                 // scores = scale · q_block · kᵀ (kᵀ read in place: element (c, j) = k[j, c]).
-                gemm::gemm(
-                    m,
-                    nk,
-                    d,
+                gemm_f32(
+                    (m, nk, d),
                     scores.as_mut_ptr(),
-                    1,
-                    nk as isize,
+                    nk,
                     false,
-                    q.as_ptr().add(q_at),
-                    1,
-                    inner as isize,
-                    k.as_ptr().add(kv_at),
-                    inner as isize,
-                    1,
-                    0.0,
+                    Operand {
+                        ptr: q.as_ptr().add(q_at),
+                        rs: inner,
+                        cs: 1,
+                    },
+                    Operand {
+                        ptr: k.as_ptr().add(kv_at),
+                        rs: 1,
+                        cs: inner,
+                    },
                     scale,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
             softmax_rows(scores, nk);
             unsafe {
                 // out_block = probabilities · v.
-                gemm::gemm(
-                    m,
-                    d,
-                    nk,
+                gemm_f32(
+                    (m, d, nk),
                     dst.get().add(q_at),
-                    1,
-                    inner as isize,
+                    inner,
                     false,
-                    scores.as_ptr(),
-                    1,
-                    nk as isize,
-                    v.as_ptr().add(kv_at),
-                    1,
-                    inner as isize,
-                    0.0,
+                    Operand {
+                        ptr: scores.as_ptr(),
+                        rs: nk,
+                        cs: 1,
+                    },
+                    Operand {
+                        ptr: v.as_ptr().add(kv_at),
+                        rs: inner,
+                        cs: 1,
+                    },
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
         },
     );
     out
+}
+
+/// A read-only f32 matrix operand addressed by strides: element `(i, j)` is at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub(super) struct Operand {
+    pub ptr: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// `dst = scale · lhs · rhs`, plus the old `dst` when `accumulate`: one call of the gemm crate, for
+/// an `m × n` destination with contiguous rows `dst_rs` apart, `lhs` `m × k` and `rhs` `k × n`.
+///
+/// # Safety
+/// Every element the shapes and strides address lies in a live allocation; `dst` overlaps neither
+/// operand, and no other thread reads or writes its `m × n` elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract is gemm's (in-bounds strided operands, exclusive `dst`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.ptr,
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
 /// An output buffer's base pointer, shared by parallel tasks that each write their own disjoint
