@@ -123,7 +123,7 @@ impl SameConv {
                     // SAFETY: `m`'s block ξ is c_out × tiles (row stride `tiles`) inside `s.m`
                     // (16·c_out·tiles); `U_ξ` is c_out × c_in with row stride 16·c_in starting at
                     // ξ·c_in inside `u` (c_out·16·c_in); `V_ξ` is c_in × tiles inside `s.v`. All
-                    // are owned here and alive for the call; `read_dst` is false, so `m`'s old
+                    // are owned here and alive for the call; `accumulate` is false, so `m`'s old
                     // contents are never read.
                     unsafe {
                         gemm_f32(
