@@ -11,53 +11,17 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use clap::Args;
 
-use crate::cli::{ModelArgs, UsageError};
+use crate::cli::{BenchArgs, UsageError};
 use crate::config::ModelConfig;
-use crate::pipeline::{ImageSpec, Pipeline, RenderBatch, SchedulerKind, cost};
+use crate::job::{Generation, Limits, ModelDefaults};
+use crate::pipeline::{ImageSpec, Pipeline, RenderBatch, cost};
 
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
+/// The prompt every benchmark image renders (its length, not its words, sets the text encoders' cost).
+const PROMPT: &str = "a photo of an astronaut riding a horse on the moon";
 
-    /// Image width [default: the model's].
-    #[arg(long)]
-    pub width: Option<usize>,
-
-    /// Image height [default: the model's].
-    #[arg(long)]
-    pub height: Option<usize>,
-
-    /// Denoising steps per image.
-    #[arg(long, default_value_t = 4)]
-    pub steps: usize,
-
-    /// Batch sizes to measure, comma-separated (e.g. 1,4,8).
-    #[arg(long, default_value = "1", value_delimiter = ',')]
-    pub batch_sizes: Vec<usize>,
-
-    /// Sampler.
-    #[arg(long, default_value = "euler")]
-    pub scheduler: String,
-
-    /// Guidance scale (> 1: classifier-free guidance, a doubled UNet batch).
-    #[arg(long, default_value_t = 5.0)]
-    pub guidance_scale: f64,
-
-    /// Untimed renders per batch size before measuring (kernel loading, allocator warm-up).
-    #[arg(long, default_value_t = 1)]
-    pub warmup: usize,
-
-    /// Timed renders per batch size (the mean is reported).
-    #[arg(long, default_value_t = 1)]
-    pub runs: usize,
-
-    /// Print one JSON object per batch size instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
+/// `t2i bench`'s default step count: enough steps for a stable s/step, few enough for a CPU.
+const DEFAULT_STEPS: u32 = 4;
 
 /// One batch size's figures.
 #[derive(Debug, serde::Serialize)]
@@ -85,13 +49,22 @@ struct Row {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let model = ModelConfig::from_args(&args.model)?;
-    let scheduler = SchedulerKind::parse(&args.scheduler)
-        .ok_or_else(|| UsageError(format!("unknown --scheduler `{}`", args.scheduler)))?;
-    if args.batch_sizes.contains(&0) || args.steps == 0 || args.runs == 0 {
-        return Err(
-            UsageError("--batch-sizes, --steps and --runs must be at least 1".into()).into(),
-        );
+    if args.batch_sizes.contains(&0) || args.runs == 0 {
+        return Err(UsageError("--batch-sizes and --runs must be at least 1".into()).into());
     }
+    // Any multiple of 8 the model can take: benchmarks go below the worker's 64-pixel minimum
+    // on the tiny fixtures.
+    let limits = Limits {
+        min_side: 8,
+        max_side: 8192,
+        max_pixels: 8192 * 8192,
+        ..Limits::default()
+    };
+    let mut request = args.generation.request(PROMPT);
+    request.steps = request.steps.or(Some(DEFAULT_STEPS));
+    // Fail on bad values before the model loads; sizes are checked again against its defaults.
+    Generation::parse(request.clone(), &limits, &ModelDefaults::default())
+        .map_err(|e| UsageError(e.to_string()))?;
     let loaded = model.load().map_err(|e| {
         if e.is_usage() {
             anyhow::Error::new(UsageError(e.to_string()))
@@ -102,12 +75,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let p = &loaded.pipeline;
     let load_s = (loaded.resolve_time + loaded.load_time).as_secs_f64();
     let f = p.vae_scale_factor();
-    let width = args.width.unwrap_or(p.default_size());
-    let height = args.height.unwrap_or(p.default_size());
-    if !width.is_multiple_of(f) || !height.is_multiple_of(f) {
-        return Err(UsageError(format!("--width/--height must be multiples of {f}")).into());
-    }
-    let cfg = args.guidance_scale > 1.0;
+    let defaults = ModelDefaults {
+        size: p.default_size() as u32,
+        scheduler: p.default_scheduler(),
+        ..ModelDefaults::default()
+    };
+    let g =
+        Generation::parse(request, &limits, &defaults).map_err(|e| UsageError(e.to_string()))?;
+    let (width, height, steps) = (g.width as usize, g.height as usize, g.steps as usize);
+    let scheduler = g.scheduler;
+    let cfg = g.guidance_scale > 1.0;
     let flops_per_sample = cost::unet_flops(p.unet().config(), height / f, width / f, 77);
     if !args.json {
         println!(
@@ -115,7 +92,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             model.spec,
             model.device_name,
             model.dtype_name(),
-            args.steps,
+            steps,
             if cfg { "on" } else { "off" }
         );
         println!(
@@ -133,21 +110,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     for &batch_size in &args.batch_sizes {
-        let batch = RenderBatch {
-            images: (0..batch_size)
-                .map(|i| ImageSpec {
-                    prompt: "a photo of an astronaut riding a horse on the moon".into(),
-                    negative_prompt: None,
-                    seed: i as u64,
-                })
-                .collect(),
-            width,
-            height,
-            steps: args.steps,
-            guidance_scale: args.guidance_scale,
-            scheduler,
-            latents: None,
-        };
+        let images = (0..batch_size)
+            .map(|i| ImageSpec {
+                prompt: g.prompt.clone(),
+                negative_prompt: g.negative_prompt.clone(),
+                seed: i as u64,
+            })
+            .collect();
+        let batch = RenderBatch::new(&g, images);
         let mut device_peak: Option<u64> = None;
         for _ in 0..args.warmup {
             p.render(&batch, &mut |_| ControlFlow::Continue(()))
@@ -166,7 +136,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .context("timed render")?;
             total += start.elapsed().as_secs_f64();
             encode += r.timings.text_encode.as_secs_f64();
-            step += r.timings.denoise.as_secs_f64() / args.steps as f64;
+            step += r.timings.denoise.as_secs_f64() / steps as f64;
             vae += r.timings.vae_decode.as_secs_f64();
         }
         let n = args.runs as f64;
@@ -179,7 +149,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             dtype: model.dtype_name(),
             width,
             height,
-            steps: args.steps,
+            steps,
             batch: batch_size,
             cfg,
             load_s,

@@ -1,6 +1,7 @@
 //! Flags → validated configuration, once, at start-up (ripgrep's `hiargs.rs` pattern). Nothing below
 //! this module reads flags or environment variables of ours.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,36 @@ use candle_core::{DType, Device};
 
 use crate::cli::{ModelArgs, UsageError};
 use crate::device::{dtype_name, parse_device, parse_dtype};
+use crate::job::Limits;
 use crate::pipeline::{LoadOptions, ModelSourceError, Pipeline, PipelineError, Variant};
+use crate::queue::{Lane, Topology};
+
+/// Everything `t2i worker` needs, validated once from flags.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub amqp_url: String,
+    pub topology: Topology,
+    pub storage: String,
+    pub force_path_style: Option<bool>,
+    pub model: ModelConfig,
+    pub limits: Limits,
+    /// Most images per device batch.
+    pub max_batch: u32,
+    /// How long a partial batch waits for company.
+    pub batch_window: Duration,
+    /// Job queues consumed, interactive first when both.
+    pub lanes: Vec<Lane>,
+    /// Unacked deliveries per lane.
+    pub prefetch: u16,
+    pub worker_id: String,
+    pub http_addr: Option<SocketAddr>,
+    /// A batch running longer than this fails its jobs with `timeout`.
+    pub job_timeout: Duration,
+    /// After SIGTERM, how long in-flight uploads and events may take.
+    pub grace_period: Duration,
+    /// Minimum time between two `job.progress` events of a job.
+    pub progress_interval: Duration,
+}
 
 /// Which model to load, where, and how.
 #[derive(Debug, Clone)]
@@ -126,7 +156,7 @@ impl LoadError {
 }
 
 /// Broker flags → topology.
-pub fn topology(args: &crate::cli::BrokerArgs) -> Result<crate::queue::Topology, UsageError> {
+pub fn topology(args: &crate::cli::BrokerArgs) -> Result<Topology, UsageError> {
     if args.amqp_prefix.is_empty() || args.amqp_prefix.len() > 100 {
         return Err(UsageError(
             "--amqp-prefix must be 1 to 100 characters".into(),
@@ -138,7 +168,7 @@ pub fn topology(args: &crate::cli::BrokerArgs) -> Result<crate::queue::Topology,
             "--retry-delays must be non-negative seconds, e.g. 1,4,16".into(),
         ));
     }
-    Ok(crate::queue::Topology {
+    Ok(Topology {
         prefix: args.amqp_prefix.clone(),
         delivery_limit: args.delivery_limit.max(1),
         retry_delays: args
@@ -150,9 +180,7 @@ pub fn topology(args: &crate::cli::BrokerArgs) -> Result<crate::queue::Topology,
 }
 
 /// `t2i worker` flags → `WorkerConfig`.
-pub fn worker_config(
-    args: &crate::cli::WorkerArgs,
-) -> Result<crate::worker::WorkerConfig, UsageError> {
+pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, UsageError> {
     if args.max_batch == 0 {
         return Err(UsageError("--max-batch must be at least 1".into()));
     }
@@ -167,15 +195,7 @@ pub fn worker_config(
     });
     let mut lanes = Vec::new();
     for name in &args.lanes {
-        let lane = match name.trim() {
-            "interactive" => crate::queue::Lane::Interactive,
-            "bulk" => crate::queue::Lane::Bulk,
-            other => {
-                return Err(UsageError(format!(
-                    "--lanes: unknown lane `{other}` (expected interactive, bulk)"
-                )));
-            }
-        };
+        let lane = Lane::parse(name).map_err(|e| UsageError(format!("--lanes: {e}")))?;
         if !lanes.contains(&lane) {
             lanes.push(lane);
         }
@@ -183,16 +203,16 @@ pub fn worker_config(
     if lanes.is_empty() {
         return Err(UsageError("--lanes needs at least one lane".into()));
     }
-    lanes.sort_by_key(|l| *l != crate::queue::Lane::Interactive);
+    lanes.sort_by_key(|l| *l != Lane::Interactive);
     let prefetch = args
         .prefetch
         .unwrap_or_else(|| (args.max_batch.saturating_mul(2)).min(u16::MAX as u32) as u16)
         .max(1);
-    Ok(crate::worker::WorkerConfig {
+    Ok(WorkerConfig {
         amqp_url: args.broker.amqp_url.clone(),
         topology: topology(&args.broker)?,
-        storage: args.storage.clone(),
-        force_path_style: args.s3_force_path_style,
+        storage: args.storage.storage.clone(),
+        force_path_style: args.storage.s3_force_path_style,
         model: ModelConfig::from_args(&args.model)?,
         limits,
         max_batch: args.max_batch,

@@ -25,6 +25,35 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every event type, in the order a job can emit them.
+    pub const ALL: [EventKind; 6] = [
+        Self::Started,
+        Self::Progress,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Expired,
+        Self::Canceled,
+    ];
+
+    /// The events that end a job: exactly one of these per job (per delivery).
+    pub const TERMINAL: [EventKind; 4] =
+        [Self::Succeeded, Self::Failed, Self::Expired, Self::Canceled];
+
+    /// What the webhook relay delivers: everything but `job.progress`, a transient, throttled hint.
+    pub const RELAYED: [EventKind; 5] = [
+        Self::Started,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Expired,
+        Self::Canceled,
+    ];
+
+    /// The event type of a routing key (`job.failed`), or of a CloudEvents `type` (`t2i.job.failed`).
+    pub fn parse(name: &str) -> Option<Self> {
+        let key = name.strip_prefix("t2i.").unwrap_or(name);
+        Self::ALL.into_iter().find(|k| k.routing_key() == key)
+    }
+
     /// The routing key on `t2i.events` (`job.succeeded`).
     pub fn routing_key(self) -> &'static str {
         match self {

@@ -7,7 +7,8 @@
 //! * `POST /generate-image`: `{"text": "...", ...contract fields}`; publishes with `reply_to` and waits
 //!   for the terminal event (timeout: `--wait-timeout-s`), then answers with the image URLs or the
 //!   error. The shape of the Flask demo this product replaces.
-//! * `GET /openapi.json`, `/healthz`, `/readyz`.
+//! * `GET /openapi.json`, and `/healthz`, `/readyz` (connected to the broker), `/metrics` from
+//!   [`crate::health`].
 //!
 //! Errors are JSON: `{"error": {"code", "message", "field"?, "value"?}}` with 400/401/404/413/415/
 //! 422/503/504. With `--auth-token`, every `/v1` and `/generate-image` call needs `Authorization:
@@ -28,54 +29,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use clap::Args;
-use futures_util::StreamExt;
-use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use tokio::sync::{RwLock, oneshot};
+use tokio_util::sync::CancellationToken;
 
-use crate::cli::BrokerArgs;
+use crate::cli::GatewayArgs;
 use crate::events::{CloudEvent, EventData};
+use crate::health::Health;
 use crate::job::message::MAX_BODY_BYTES;
-use crate::job::{ModelDefaults, parse_job_body};
-use crate::queue::publisher::Delivered;
-use crate::queue::{Lane, Publisher, Topology};
-use crate::storage::{ImageStore, Store};
-
-#[derive(Debug, Args)]
-pub struct GatewayArgs {
-    #[command(flatten)]
-    pub broker: BrokerArgs,
-
-    /// Listen address.
-    #[arg(long, env = "T2I_GATEWAY_ADDR", default_value = "0.0.0.0:8080")]
-    pub addr: std::net::SocketAddr,
-
-    /// Where the workers store results (for GET /v1/jobs/{id}): as `t2i worker`.
-    #[arg(long, env = "T2I_STORAGE", default_value = "./outputs")]
-    pub storage: String,
-
-    /// S3 path-style addressing [default: on when AWS_ENDPOINT_URL is set].
-    #[arg(long, env = "T2I_S3_FORCE_PATH_STYLE")]
-    pub s3_force_path_style: Option<bool>,
-
-    /// Require `Authorization: Bearer <token>` on the API.
-    #[arg(long, env = "T2I_GATEWAY_TOKEN", hide_env_values = true)]
-    pub auth_token: Option<String>,
-
-    /// How long POST /generate-image waits for the result, in seconds.
-    #[arg(long, env = "T2I_GATEWAY_WAIT_TIMEOUT_S", default_value_t = 120)]
-    pub wait_timeout_s: u64,
-
-    #[command(flatten)]
-    pub limits: crate::cli::LimitArgs,
-
-    /// The model jobs are checked against (a job naming another one is refused).
-    #[arg(long, env = "T2I_MODEL", default_value = "segmind/SSD-1B")]
-    pub model: String,
-}
+use crate::job::{JobId, ModelDefaults, parse_job_body};
+use crate::queue::{
+    Connection, Consumer, Delivered, Lane, Publisher, Reconnect, ReplyTo, Topology,
+};
+use crate::storage::{ImageStore, ObjectKey, Store};
 
 /// A live broker session: the confirming publisher and the reply queue's name.
 struct Session {
@@ -87,6 +53,8 @@ type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<CloudEvent>>>>;
 
 struct App {
     topology: Topology,
+    /// Ready while connected to the broker.
+    health: Arc<Health>,
     session: RwLock<Option<Session>>,
     waiters: Waiters,
     store: Store,
@@ -223,14 +191,13 @@ impl App {
                 "not connected to the broker; retry shortly",
             ));
         };
-        let extra = reply.then(|| {
-            BasicProperties::default()
-                .with_reply_to(s.reply_queue.as_str().into())
-                .with_correlation_id(job_id.into())
+        let reply = reply.then(|| ReplyTo {
+            queue: s.reply_queue.clone(),
+            correlation_id: Some(job_id.to_string()),
         });
         match s
             .publisher
-            .job(lane, job_id, job.to_string().as_bytes(), extra)
+            .job(lane, job_id, job.to_string().as_bytes(), reply.as_ref())
             .await
         {
             Ok(Delivered::Routed) => Ok(()),
@@ -288,10 +255,10 @@ async fn submit(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let lane = match q.lane.as_deref() {
-        None | Some("interactive") => Lane::Interactive,
-        Some("bulk") => Lane::Bulk,
-        Some(other) => return invalid("lane", "must be interactive or bulk", other),
+    let lane = match q.lane.as_deref().map(Lane::parse) {
+        None => Lane::Interactive,
+        Some(Ok(lane)) => lane,
+        Some(Err(e)) => return invalid("lane", "must be interactive or bulk", &e.0),
     };
     let (id, job) = match app.job_from(&body, false) {
         Ok(x) => x,
@@ -317,10 +284,12 @@ async fn status(
     if let Err(r) = app.authorized(&headers) {
         return r;
     }
-    if crate::job::JobId::parse(&id).is_err() {
+    let Ok(job_id) = JobId::parse(&id) else {
         return invalid("job_id", "1 to 128 characters of [A-Za-z0-9._:-]", &id);
-    }
-    match app.store.get(&format!("{id}/result.json")).await {
+    };
+    // Only the job id is known here, not the `output.key_prefix` a job may have set: results
+    // stored under a prefix (every `t2i enqueue` job) are not found by this lookup.
+    match app.store.get(&ObjectKey::result("", &job_id)).await {
         Ok(Some(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
             Ok(v) => Json(v).into_response(),
             Err(_) => error(
@@ -456,7 +425,7 @@ async fn openapi() -> Response {
         "paths": {
             "/v1/jobs": {"post": {
                 "summary": "Queue a job (job_id optional)",
-                "parameters": [{"name": "lane", "in": "query", "schema": {"enum": ["interactive", "bulk"]}}],
+                "parameters": [{"name": "lane", "in": "query", "schema": {"enum": Lane::ALL.map(Lane::routing_key)}}],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
                 "responses": with(json!({"202": {"description": "queued", "content": {"application/json": {"schema": {
                     "type": "object", "properties": {"job_id": {"type": "string"}, "status": {"const": "queued"},
@@ -485,33 +454,27 @@ async fn openapi() -> Response {
     .into_response()
 }
 
-async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.session.read().await.is_some() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not connected").into_response()
-    }
-}
-
 /// Keeps a broker session up: connect, declare, open the publisher and the reply queue, dispatch
-/// replies to waiting requests; on loss, reconnect with jittered backoff.
-async fn maintain(app: Arc<App>, url: String) {
-    let mut attempt = 0u32;
-    loop {
-        match connect(&app, &url).await {
-            Ok((conn, mut replies)) => {
-                attempt = 0;
+/// replies to waiting requests; on loss, reconnect (the queue module's one policy).
+async fn maintain(app: Arc<App>, url: String, shutdown: CancellationToken) {
+    let reconnect = Reconnect::new(&url, "t2i gateway");
+    while let Some(conn) = reconnect.connect(&shutdown).await {
+        match open_session(&app, &conn).await {
+            Ok(mut replies) => {
+                app.health.set_ready(true);
                 tracing::info!("gateway connected to the broker");
-                while let Some(Ok(d)) = replies.next().await {
-                    let _ = d.ack(BasicAckOptions::default()).await;
-                    let Ok(event) = serde_json::from_slice::<CloudEvent>(&d.data) else {
+                loop {
+                    let d = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        d = replies.next() => d,
+                    };
+                    let Some(Ok(d)) = d else { break };
+                    let Ok(event) = serde_json::from_slice::<CloudEvent>(d.body()) else {
                         continue;
                     };
                     let key = d
-                        .properties
                         .correlation_id()
-                        .as_ref()
-                        .map(|c| c.to_string())
+                        .map(str::to_string)
                         .unwrap_or_else(|| event.subject.clone());
                     let waiter = app
                         .waiters
@@ -522,80 +485,69 @@ async fn maintain(app: Arc<App>, url: String) {
                         let _ = tx.send(event);
                     }
                 }
+                app.health.set_ready(false);
                 *app.session.write().await = None;
-                let _ = conn.close(0, "reconnecting".into()).await;
                 tracing::warn!("gateway lost the broker; reconnecting");
             }
             Err(e) => tracing::warn!(error = %e, "gateway cannot reach the broker"),
         }
-        let wait =
-            crate::queue::backoff(attempt, Duration::from_millis(200), Duration::from_secs(10));
-        attempt = attempt.saturating_add(1);
-        tokio::time::sleep(wait).await;
+        conn.close("reconnecting").await;
+        if !reconnect.pause(&shutdown).await {
+            break;
+        }
     }
 }
 
-async fn connect(app: &Arc<App>, url: &str) -> Result<(lapin::Connection, lapin::Consumer)> {
-    let conn = crate::queue::connect(url, "t2i gateway").await?;
-    let ch = conn.create_channel().await?;
-    app.topology.declare(&ch).await?;
-    let q = crate::queue::declare_private_queue(&ch).await?;
-    let consumer = ch
-        .basic_consume(
-            q.name().clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let publisher = Publisher::open(&conn, &app.topology).await?;
+async fn open_session(app: &Arc<App>, conn: &Connection) -> Result<Consumer> {
+    conn.declare(&app.topology).await?;
+    let (reply_queue, replies) = conn.reply_queue().await?;
+    let publisher = conn.publisher(&app.topology).await?;
     *app.session.write().await = Some(Session {
         publisher,
-        reply_queue: q.name().to_string(),
+        reply_queue,
     });
-    Ok((conn, consumer))
+    Ok(replies)
 }
 
 fn router(app: Arc<App>) -> Router {
+    let health = app.health.router();
     Router::new()
         .route("/v1/jobs", post(submit))
         .route("/v1/jobs/{id}", get(status))
         .route("/generate-image", post(generate))
         .route("/openapi.json", get(openapi))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
         // One byte over the contract's limit reaches the handler, which answers 413 in JSON.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES + 1))
         .with_state(app)
+        .merge(health)
 }
 
-pub fn run(args: GatewayArgs) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let store = Store::open(&args.storage, args.s3_force_path_style)
-            .await
-            .with_context(|| format!("opening the store {}", args.storage))?;
-        let app = Arc::new(App {
-            topology: crate::config::topology(&args.broker)?,
-            session: RwLock::new(None),
-            waiters: Arc::default(),
-            store,
-            token: args.auth_token.filter(|t| !t.is_empty()),
-            wait: Duration::from_secs(args.wait_timeout_s.max(1)),
-            model: args.model.clone(),
-            limits: args.limits.limits(),
-        });
-        tokio::spawn(maintain(app.clone(), args.broker.amqp_url.clone()));
-        let listener = tokio::net::TcpListener::bind(args.addr)
-            .await
-            .with_context(|| format!("binding {}", args.addr))?;
-        tracing::info!(addr = %args.addr, "gateway listening");
-        let shutdown = crate::shutdown::on_signals();
-        axum::serve(listener, router(app))
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await?;
-        Ok(())
-    })
+pub async fn run(args: GatewayArgs, shutdown: CancellationToken) -> Result<()> {
+    let store = Store::open(&args.storage.storage, args.storage.s3_force_path_style)
+        .await
+        .with_context(|| format!("opening the store {}", args.storage.storage))?;
+    let app = Arc::new(App {
+        topology: crate::config::topology(&args.broker)?,
+        health: Health::new(),
+        session: RwLock::new(None),
+        waiters: Arc::default(),
+        store,
+        token: args.auth_token.filter(|t| !t.is_empty()),
+        wait: Duration::from_secs(args.wait_timeout_s.max(1)),
+        model: args.model.clone(),
+        limits: args.limits.limits(),
+    });
+    tokio::spawn(maintain(
+        app.clone(),
+        args.broker.amqp_url.clone(),
+        shutdown.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("binding {}", args.addr))?;
+    tracing::info!(addr = %args.addr, "gateway listening");
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
 }

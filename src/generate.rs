@@ -35,15 +35,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let requests: Vec<GenerationRequest> = prompts
         .iter()
         .map(|p| GenerationRequest {
-            prompt: p.clone(),
-            negative_prompt: args.negative_prompt.clone(),
-            width: args.width,
-            height: args.height,
-            steps: args.steps,
-            guidance_scale: args.guidance_scale,
-            scheduler: args.scheduler.clone(),
             seed: Some(seed),
             num_images: Some(args.num_images),
+            ..args.generation.request(p)
         })
         .collect();
     // Fail fast on bad values, before spending seconds to minutes loading the model.
@@ -103,7 +97,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .iter()
         .enumerate()
         .flat_map(|(gi, g)| {
-            g.image_specs()
+            ImageSpec::all_of(g)
                 .into_iter()
                 .enumerate()
                 .map(move |(i, spec)| Planned {
@@ -125,18 +119,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut written = 0usize;
     for (b, chunk) in plan.chunks(args.batch_size).enumerate() {
         let start = b * args.batch_size;
-        let batch = RenderBatch {
-            images: chunk.iter().map(|p| p.spec.clone()).collect(),
-            width: g0.width as usize,
-            height: g0.height as usize,
-            steps: g0.steps as usize,
-            guidance_scale: g0.guidance_scale,
-            scheduler: g0.scheduler,
-            latents: latents
-                .as_ref()
-                .map(|l| l.narrow(0, start, chunk.len()))
-                .transpose()?,
-        };
+        let images = chunk.iter().map(|p| p.spec.clone()).collect();
+        let latents = latents
+            .as_ref()
+            .map(|l| l.narrow(0, start, chunk.len()))
+            .transpose()?;
+        let batch = RenderBatch::new(g0, images).with_latents(latents);
         let rendered = pipeline
             .render(&batch, &mut |_| {
                 bar.inc(1);

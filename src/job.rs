@@ -9,10 +9,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::{ImageSpec, SchedulerKind};
+use crate::pipeline::SchedulerKind;
 
 pub mod message;
-pub use message::{Job, JobId, JobRequest, OutputSpec, parse_job_body};
+pub use message::{BadBody, Job, JobId, JobRequest, OutputSpec, parse_job_body};
 
 /// Generation parameters as they arrive. Absent fields take the model's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -225,17 +225,6 @@ impl Generation {
         self.seed.wrapping_add(index as u64)
     }
 
-    /// One `ImageSpec` per requested image.
-    pub fn image_specs(&self) -> Vec<ImageSpec> {
-        (0..self.num_images)
-            .map(|i| ImageSpec {
-                prompt: self.prompt.clone(),
-                negative_prompt: self.negative_prompt.clone(),
-                seed: self.image_seed(i),
-            })
-            .collect()
-    }
-
     /// Whether two generations can share a pipeline batch (same size, steps, sampler, guidance).
     pub fn is_batchable_with(&self, other: &Generation) -> bool {
         (self.width, self.height, self.steps, self.scheduler)
@@ -356,7 +345,7 @@ mod tests {
             ..req("x")
         })
         .unwrap();
-        let seeds: Vec<u64> = g.image_specs().iter().map(|s| s.seed).collect();
+        let seeds: Vec<u64> = (0..g.num_images).map(|i| g.image_seed(i)).collect();
         assert_eq!(seeds, vec![u64::MAX, 0]);
     }
 

@@ -32,15 +32,13 @@ fn main() -> ExitCode {
     };
     init_logging(&cli.log, &cli.log_format);
     let result = match cli.command {
+        // Local, synchronous work: the model runs on this thread (and candle's own pool).
         Command::Generate(args) => t2i_worker::generate::run(args),
         Command::Bench(args) => t2i_worker::bench::run(args),
-        Command::Worker(args) => run_worker(args),
         Command::Schemas(args) => t2i_worker::schemas::write(&args.out),
         Command::Healthcheck(args) => t2i_worker::healthcheck::run(args),
-        Command::Cancel(args) => t2i_worker::cancel::run(args),
-        Command::Enqueue(args) => t2i_worker::enqueue::run(args),
-        Command::Webhooks(args) => t2i_worker::webhooks::run(args),
-        Command::Gateway(args) => t2i_worker::gateway::run(args),
+        // Everything that talks to the broker runs on the process's one runtime.
+        command => run_async(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -56,14 +54,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_worker(args: t2i_worker::cli::WorkerArgs) -> anyhow::Result<()> {
-    let cfg = t2i_worker::config::worker_config(&args)?;
+/// The broker-facing subcommands, on one multi-threaded tokio runtime; the long-running ones
+/// stop on SIGINT/SIGTERM.
+fn run_async(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
-        let shutdown = t2i_worker::shutdown::on_signals();
-        t2i_worker::worker::run(cfg, shutdown).await
+    runtime.block_on(async move {
+        // Clients (cancel, enqueue) keep the default: a signal ends them at once.
+        let shutdown = t2i_worker::shutdown::on_signals;
+        match command {
+            Command::Worker(args) => {
+                let cfg = t2i_worker::config::worker_config(&args)?;
+                t2i_worker::worker::run(cfg, shutdown()).await
+            }
+            Command::Cancel(args) => t2i_worker::cancel::run(args).await,
+            Command::Enqueue(args) => t2i_worker::enqueue::run(args).await,
+            Command::Webhooks(args) => t2i_worker::webhooks::run(args, shutdown()).await,
+            Command::Gateway(args) => t2i_worker::gateway::run(args, shutdown()).await,
+            Command::Generate(_)
+            | Command::Bench(_)
+            | Command::Schemas(_)
+            | Command::Healthcheck(_) => {
+                unreachable!("synchronous subcommands are dispatched in main")
+            }
+        }
     })
 }
 

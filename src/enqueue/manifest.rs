@@ -17,8 +17,9 @@ use futures_util::stream::StreamExt;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::Outcome;
 use super::expand::PlannedJob;
-use super::{EnqueueArgs, Outcome};
+use crate::cli::EnqueueArgs;
 use crate::events::ImageRecord;
 use crate::storage::{ImageStore, Store};
 
@@ -116,7 +117,7 @@ pub async fn write(
 ) -> Result<()> {
     let mut samples = samples(jobs, outcomes);
     let needs_bytes = args.download || args.webdataset.is_some();
-    let store = Store::open(&args.storage, args.s3_force_path_style).await?;
+    let store = Store::open(&args.storage.storage, args.storage.s3_force_path_style).await?;
     let mut bytes: Vec<Option<Vec<u8>>> = vec![None; samples.len()];
     if needs_bytes {
         let fetched: Vec<(usize, Result<Vec<u8>>)> =

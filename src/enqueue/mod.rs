@@ -15,151 +15,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::Args;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lapin::BasicProperties;
-use lapin::Confirmation;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions};
-use lapin::types::FieldTable;
 use serde_json::{Map, Value};
 
-use crate::cli::{BrokerArgs, UsageError};
-use crate::events::{CloudEvent, EventData};
-use crate::job::{ModelDefaults, parse_job_body};
-use crate::queue::{Lane, Publisher};
-use crate::storage::{ImageStore, Store};
+use crate::cli::{EnqueueArgs, UsageError};
+use crate::events::{CloudEvent, EventData, EventKind};
+use crate::job::{JobId, ModelDefaults, parse_job_body};
+use crate::queue::{Connection, Delivered, Lane};
+use crate::storage::{ImageStore, ObjectKey, Store};
 use expand::{Combine, InputError, InputFormat, Plan, PlannedJob, SeedStrategy};
-
-#[derive(Debug, Args)]
-pub struct EnqueueArgs {
-    #[command(flatten)]
-    pub broker: BrokerArgs,
-
-    /// A prompt (repeatable): one job each.
-    #[arg(long)]
-    pub prompt: Vec<String>,
-
-    /// Jobs from a file: `.jsonl` (job objects), `.csv` (a header row of job fields), anything else a
-    /// prompt per line (`#` comments). `-` reads standard input as a prompt list.
-    #[arg(long, short = 'i')]
-    pub input: Option<PathBuf>,
-
-    /// Format of --input instead of its extension: jsonl, csv, prompts.
-    #[arg(long)]
-    pub input_format: Option<String>,
-
-    /// Prompt template with `{name}` placeholders, filled from --var lists.
-    #[arg(long)]
-    pub template: Option<String>,
-
-    /// Values of a template placeholder: `name=v1,v2,...` (repeatable).
-    #[arg(long = "var")]
-    pub vars: Vec<String>,
-
-    /// Combine --var lists element by element instead of every combination.
-    #[arg(long)]
-    pub zip: bool,
-
-    /// Jobs per prompt, each with its own seed.
-    #[arg(long, default_value_t = 1)]
-    pub images_per_prompt: u32,
-
-    /// Seeds for items without one: `index` (--seed + item index) or `random` (64-bit, derived from
-    /// the batch id and index so a rerun reuses them). Seeds are always written into the jobs.
-    #[arg(long, default_value = "index")]
-    pub seed_strategy: String,
-
-    /// Base seed of the `index` strategy.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-
-    /// Batch id [default: derived from the expanded jobs, so the same command gets the same id].
-    #[arg(long)]
-    pub batch_id: Option<String>,
-
-    /// Object key prefix of the images [default: datasets/<batch id>/].
-    #[arg(long)]
-    pub key_prefix: Option<String>,
-
-    /// Queue: `bulk` or `interactive` [default: interactive for --prompt, bulk otherwise].
-    #[arg(long)]
-    pub lane: Option<String>,
-
-    #[arg(long)]
-    pub negative_prompt: Option<String>,
-    #[arg(long)]
-    pub width: Option<u32>,
-    #[arg(long)]
-    pub height: Option<u32>,
-    #[arg(long)]
-    pub steps: Option<u32>,
-    #[arg(long)]
-    pub guidance_scale: Option<f64>,
-    #[arg(long)]
-    pub scheduler: Option<String>,
-    #[arg(long)]
-    pub num_images: Option<u32>,
-    /// Model the jobs ask for (a worker serving another one rejects them).
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Image format: png, jpeg, webp.
-    #[arg(long)]
-    pub format: Option<String>,
-    /// Webhook URL for every job's events (the relay signs and delivers them).
-    #[arg(long)]
-    pub webhook: Option<String>,
-
-    /// Where the workers store results (to skip finished items and fetch images): as `t2i worker`.
-    #[arg(long, env = "T2I_STORAGE", default_value = "./outputs")]
-    pub storage: String,
-
-    /// S3 path-style addressing [default: on when AWS_ENDPOINT_URL is set].
-    #[arg(long, env = "T2I_S3_FORCE_PATH_STYLE")]
-    pub s3_force_path_style: Option<bool>,
-
-    /// Publish every item even if its result is already stored.
-    #[arg(long)]
-    pub no_skip: bool,
-
-    /// Print the expanded jobs (JSON lines) and publish nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-
-    /// Outstanding publisher confirms (backpressure window).
-    #[arg(long, default_value_t = 4096)]
-    pub confirm_window: usize,
-
-    /// Wait for every job's terminal event; exit 1 if any did not succeed.
-    #[arg(long)]
-    pub wait: bool,
-
-    /// Give up waiting after this many seconds (0: never).
-    #[arg(long, default_value_t = 0)]
-    pub wait_timeout_s: u64,
-
-    /// With --wait: write `metadata.jsonl` (Hugging Face ImageFolder) into this folder.
-    #[arg(long)]
-    pub manifest: Option<PathBuf>,
-
-    /// With --manifest: download the images next to it (`images/`), verifying their sha256.
-    #[arg(long)]
-    pub download: bool,
-
-    /// With --wait: write WebDataset shards (`shard-00000.tar`, ...) into this folder.
-    #[arg(long)]
-    pub webdataset: Option<PathBuf>,
-
-    /// Samples per WebDataset shard.
-    #[arg(long, default_value_t = 1000)]
-    pub shard_size: usize,
-
-    #[command(flatten)]
-    pub limits: crate::cli::LimitArgs,
-
-    /// No progress bar.
-    #[arg(long, short = 'q')]
-    pub quiet: bool,
-}
 
 /// Terminal outcome of one job, from its event or its stored `result.json`.
 #[derive(Debug, Clone)]
@@ -168,7 +32,7 @@ pub struct Outcome {
     pub skipped: bool,
 }
 
-pub fn run(args: EnqueueArgs) -> Result<()> {
+pub async fn run(args: EnqueueArgs) -> Result<()> {
     let (lane, jobs, batch_id) = prepare(&args)?;
     if args.dry_run {
         for j in &jobs {
@@ -181,17 +45,14 @@ pub fn run(args: EnqueueArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let outcomes = runtime.block_on(publish_and_wait(&args, lane, &jobs, &batch_id))?;
+    let outcomes = publish_and_wait(&args, lane, &jobs, &batch_id).await?;
     if let Some(outcomes) = outcomes {
         let failed: Vec<&Outcome> = outcomes
             .values()
             .filter(|o| o.data.status != "succeeded")
             .collect();
         if args.manifest.is_some() || args.webdataset.is_some() {
-            runtime.block_on(manifest::write(&args, &jobs, &outcomes))?;
+            manifest::write(&args, &jobs, &outcomes).await?;
         }
         if !failed.is_empty() {
             for o in failed.iter().take(20) {
@@ -284,15 +145,16 @@ pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
             defaults.insert(k.to_string(), v);
         }
     };
+    let g = &args.generation;
     set(
         "negative_prompt",
-        args.negative_prompt.as_deref().map(Value::from),
+        g.negative_prompt.as_deref().map(Value::from),
     );
-    set("width", args.width.map(Value::from));
-    set("height", args.height.map(Value::from));
-    set("steps", args.steps.map(Value::from));
-    set("guidance_scale", args.guidance_scale.map(Value::from));
-    set("scheduler", args.scheduler.as_deref().map(Value::from));
+    set("width", g.width.map(Value::from));
+    set("height", g.height.map(Value::from));
+    set("steps", g.steps.map(Value::from));
+    set("guidance_scale", g.guidance_scale.map(Value::from));
+    set("scheduler", g.scheduler.as_deref().map(Value::from));
     set("num_images", args.num_images.map(Value::from));
     set("model", args.model.as_deref().map(Value::from));
     set(
@@ -347,12 +209,9 @@ pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
     if !errors.is_empty() {
         return Err(report(&errors));
     }
-    let lane = match args.lane.as_deref() {
-        Some("bulk") => Lane::Bulk,
-        Some("interactive") => Lane::Interactive,
-        Some(other) => {
-            return Err(usage(format!("--lane `{other}`: bulk or interactive")));
-        }
+    let lane = match args.lane.as_deref().map(Lane::parse) {
+        Some(Ok(lane)) => lane,
+        Some(Err(e)) => return Err(usage(format!("--lane: {e}"))),
         None if !args.prompt.is_empty() => Lane::Interactive,
         None => Lane::Bulk,
     };
@@ -384,9 +243,10 @@ async fn publish_and_wait(
     batch_id: &str,
 ) -> Result<Option<HashMap<String, Outcome>>> {
     let topology = crate::config::topology(&args.broker)?;
-    let store = Store::open(&args.storage, args.s3_force_path_style)
+    let storage = &args.storage.storage;
+    let store = Store::open(storage, args.storage.s3_force_path_style)
         .await
-        .with_context(|| format!("opening the store {}", args.storage))?;
+        .with_context(|| format!("opening the store {storage}"))?;
 
     // Items already done (an earlier run of the same command) are not published again.
     let mut outcomes: HashMap<String, Outcome> = HashMap::new();
@@ -396,13 +256,16 @@ async fn publish_and_wait(
                 let store = &store;
                 async move {
                     let prefix = j.body["output"]["key_prefix"].as_str().unwrap_or("");
-                    let key = format!("{prefix}{}/result.json", j.job_id);
-                    let data = store
-                        .get(&key)
-                        .await
-                        .ok()
-                        .flatten()
-                        .and_then(|b| serde_json::from_slice::<EventData>(&b).ok());
+                    // Planned ids passed `Job::parse` in `prepare`.
+                    let data = match JobId::parse(&j.job_id) {
+                        Ok(id) => store
+                            .get(&ObjectKey::result(prefix, &id))
+                            .await
+                            .ok()
+                            .flatten()
+                            .and_then(|b| serde_json::from_slice::<EventData>(&b).ok()),
+                        Err(_) => None,
+                    };
                     (j.job_id.clone(), data)
                 }
             }))
@@ -426,88 +289,47 @@ async fn publish_and_wait(
         .filter(|j| !outcomes.contains_key(&j.job_id))
         .collect();
 
-    let conn = crate::queue::connect(&args.broker.amqp_url, "t2i enqueue")
+    let conn = Connection::open(&args.broker.amqp_url, "t2i enqueue")
         .await
         .context("connecting to RabbitMQ")?;
-    let setup = conn.create_channel().await?;
-    topology
-        .declare(&setup)
+    conn.declare(&topology)
         .await
         .context("declaring the topology")?;
 
     // Subscribe before publishing, so no event can be missed.
     let mut events = if args.wait {
-        let q = crate::queue::declare_private_queue(&setup).await?;
-        for key in ["job.succeeded", "job.failed", "job.expired", "job.canceled"] {
-            setup
-                .queue_bind(
-                    q.name().clone(),
-                    topology.events_exchange().as_str().into(),
-                    key.into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
         Some(
-            setup
-                .basic_consume(
-                    q.name().clone(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
+            conn.subscribe_events(&topology, &EventKind::TERMINAL)
                 .await?,
         )
     } else {
         None
     };
 
-    let publisher = Publisher::open(&conn, &topology).await?;
-    let ch = publisher.channel();
-    let exchange = topology.jobs_exchange();
+    let publisher = conn.publisher(&topology).await?;
     let started = Instant::now();
     let mut pending = FuturesUnordered::new();
     let mut unroutable = 0usize;
     let window = args.confirm_window.max(1);
-    let check = |c: std::result::Result<Confirmation, lapin::Error>,
-                 unroutable: &mut usize|
-     -> Result<()> {
-        match c? {
-            Confirmation::Nack(_) => anyhow::bail!("the broker refused a job (nack)"),
-            Confirmation::Ack(Some(_)) => *unroutable += 1,
-            _ => {}
+    let check = |d: Delivered, unroutable: &mut usize| {
+        if d == Delivered::Unroutable {
+            *unroutable += 1;
         }
-        Ok(())
     };
     for j in &todo {
         let body = json_text(&j.body);
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(j.job_id.as_str().into())
-            .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp() as u64);
-        let confirm = ch
-            .basic_publish(
-                exchange.as_str().into(),
-                lane.routing_key().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body.as_bytes(),
-                props,
-            )
+        let sent = publisher
+            .send_job(lane, &j.job_id, body.as_bytes(), None)
             .await?;
-        pending.push(confirm.into_future());
+        pending.push(sent.confirmed());
         while pending.len() >= window {
             if let Some(c) = pending.next().await {
-                check(c, &mut unroutable)?;
+                check(c?, &mut unroutable);
             }
         }
     }
     while let Some(c) = pending.next().await {
-        check(c, &mut unroutable)?;
+        check(c?, &mut unroutable);
     }
     let secs = started.elapsed().as_secs_f64();
     if unroutable > 0 {
@@ -521,7 +343,7 @@ async fn publish_and_wait(
         outcomes.len()
     );
     let Some(consumer) = events.as_mut() else {
-        let _ = conn.close(0, "done".into()).await;
+        conn.close("done").await;
         return Ok(None);
     };
 
@@ -570,8 +392,7 @@ async fn publish_and_wait(
             Some(Err(e)) => anyhow::bail!("lost the event stream: {e}"),
             None => anyhow::bail!("the event stream ended"),
         };
-        let _ = delivery.ack(BasicAckOptions::default()).await;
-        let Ok(event) = serde_json::from_slice::<CloudEvent>(&delivery.data) else {
+        let Ok(event) = serde_json::from_slice::<CloudEvent>(delivery.body()) else {
             continue;
         };
         if !wanted.contains(event.subject.as_str()) || outcomes.contains_key(&event.subject) {
@@ -588,7 +409,7 @@ async fn publish_and_wait(
         bar.set_message(format!("{} failed", failed_count(&outcomes)));
     }
     bar.finish();
-    let _ = conn.close(0, "done".into()).await;
+    conn.close("done").await;
     let done = started.elapsed().as_secs_f64();
     eprintln!(
         "batch {batch_id}: {} job(s) finished in {done:.1}s ({:.2} jobs/s), {} failed",

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::{Generation, GenerationRequest, Limits, ModelDefaults, Rejection};
+use crate::events::EventKind;
 use crate::image::ImageFormat;
 
 /// Largest message body a worker accepts.
@@ -194,16 +195,6 @@ pub struct Job {
     pub metadata: Option<serde_json::Value>,
 }
 
-/// Event types a webhook may subscribe to.
-const WEBHOOK_EVENTS: [&str; 6] = [
-    "job.started",
-    "job.progress",
-    "job.succeeded",
-    "job.failed",
-    "job.expired",
-    "job.canceled",
-];
-
 impl Job {
     /// Checks every field of `req`; `model` is the model this worker serves (a job naming another one
     /// is rejected rather than rendered with the wrong weights).
@@ -282,12 +273,13 @@ impl Job {
                 .events
                 .iter()
                 .flatten()
-                .find(|e| !WEBHOOK_EVENTS.contains(&e.as_str()))
+                .find(|e| EventKind::parse(e).is_none_or(|k| k.routing_key() != e.as_str()))
             {
+                let names: Vec<&str> = EventKind::ALL.iter().map(|k| k.routing_key()).collect();
                 return Err(Rejection::new(
                     "webhook.events",
                     format!("{bad:?}"),
-                    format!("must be among {}", WEBHOOK_EVENTS.join(", ")),
+                    format!("must be among {}", names.join(", ")),
                 ));
             }
         }

@@ -118,6 +118,39 @@ pub struct RenderBatch {
     pub latents: Option<Tensor>,
 }
 
+impl ImageSpec {
+    /// One spec per image `g` asks for: image `i` uses `seed + i` and its own noise.
+    pub fn all_of(g: &crate::job::Generation) -> Vec<ImageSpec> {
+        (0..g.num_images)
+            .map(|i| ImageSpec {
+                prompt: g.prompt.clone(),
+                negative_prompt: g.negative_prompt.clone(),
+                seed: g.image_seed(i),
+            })
+            .collect()
+    }
+}
+
+impl RenderBatch {
+    /// `images` rendered with `g`'s size, steps, guidance and sampler, from seeded noise.
+    pub fn new(g: &crate::job::Generation, images: Vec<ImageSpec>) -> Self {
+        Self {
+            images,
+            width: g.width as usize,
+            height: g.height as usize,
+            steps: g.steps as usize,
+            guidance_scale: g.guidance_scale,
+            scheduler: g.scheduler,
+            latents: None,
+        }
+    }
+
+    /// The same batch from explicit initial latents (diffusers' `latents=`).
+    pub fn with_latents(self, latents: Option<Tensor>) -> Self {
+        Self { latents, ..self }
+    }
+}
+
 /// Wall time per phase of one render.
 #[derive(Debug, Clone, Default)]
 pub struct PhaseTimings {

@@ -4,9 +4,9 @@
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Confirmation};
 
-use super::{ATTEMPT_HEADER, Lane, Topology};
+use super::{ATTEMPT_HEADER, Delivery, Lane, ReplyTo, Topology};
 use crate::events::{CloudEvent, EventKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +81,7 @@ fn persistent() -> BasicProperties {
 }
 
 impl Publisher {
-    pub async fn open(conn: &Connection, topology: &Topology) -> lapin::Result<Self> {
-        let channel = conn.create_channel().await?;
+    pub(super) async fn open(channel: Channel, topology: &Topology) -> Result<Self, QueueError> {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -92,8 +91,13 @@ impl Publisher {
         })
     }
 
+    /// The underlying channel, for tests that publish malformed messages on purpose.
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
     async fn confirmed(
@@ -200,15 +204,12 @@ impl Publisher {
             .await
     }
 
-    /// Re-publishes a job body into the retry queue for `attempt` (the attempt that failed), carrying
-    /// the next attempt number; the queue's TTL dead-letters it back to the lane's job queue.
-    pub async fn retry(
-        &self,
-        lane: Lane,
-        failed_attempt: u32,
-        body: &[u8],
-        original: &BasicProperties,
-    ) -> Result<(), QueueError> {
+    /// Re-publishes a job into the retry queue for the attempt that failed, carrying the next
+    /// attempt number and the original's identity (message id, reply_to, correlation id, content
+    /// type, timestamp, headers); the queue's TTL dead-letters it back to the lane's job queue.
+    pub async fn retry(&self, lane: Lane, delivery: &Delivery) -> Result<(), QueueError> {
+        let original = delivery.properties();
+        let failed_attempt = delivery.attempt();
         let level = self.topology.retry_level(failed_attempt);
         let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(
@@ -236,7 +237,7 @@ impl Publisher {
             props = props.with_timestamp(*ts);
         }
         let queue = self.topology.retry_queue(lane, level);
-        self.confirmed("", &queue, true, body, props, "retry")
+        self.confirmed("", &queue, true, delivery.body(), props, "retry")
             .await?;
         Ok(())
     }
@@ -256,49 +257,79 @@ impl Publisher {
         .await
     }
 
-    /// Publishes a job (persistent, `message_id` = job id) on a lane. Used by `enqueue` and tests.
+    /// Publishes a job (persistent, mandatory, `message_id` = job id) on a lane and waits for the
+    /// broker's confirm.
     pub async fn job(
         &self,
         lane: Lane,
         job_id: &str,
         body: &[u8],
-        extra: Option<BasicProperties>,
+        reply: Option<&ReplyTo>,
     ) -> Result<Delivered, QueueError> {
-        let props = extra
-            .unwrap_or_default()
-            .with_delivery_mode(2)
+        self.send_job(lane, job_id, body, reply)
+            .await?
+            .confirmed()
+            .await
+    }
+
+    /// Sends a job's frames and returns without waiting for the confirm: `enqueue` keeps a window
+    /// of these outstanding (backpressure) instead of one round trip per job.
+    pub async fn send_job(
+        &self,
+        lane: Lane,
+        job_id: &str,
+        body: &[u8],
+        reply: Option<&ReplyTo>,
+    ) -> Result<PendingConfirm, QueueError> {
+        let mut props = persistent()
             .with_content_type("application/json".into())
             .with_message_id(job_id.into())
             .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp() as u64);
-        self.confirmed(
-            &self.topology.jobs_exchange(),
-            lane.routing_key(),
-            true,
+        if let Some(r) = reply {
+            props = props.with_reply_to(r.queue.as_str().into());
+            if let Some(c) = &r.correlation_id {
+                props = props.with_correlation_id(c.as_str().into());
+            }
+        }
+        let exchange = self.topology.jobs_exchange();
+        let publish = Publish {
+            exchange: &exchange,
+            key: lane.routing_key(),
+            mandatory: true,
             body,
             props,
-            "job",
-        )
-        .await
+        };
+        self.send(publish, format!("job {job_id}"), true).await
+    }
+
+    /// Publishes straight into a queue (default exchange), persistent and confirmed: the webhook
+    /// relay's retry and dead-letter copies. `headers` are text values; `expiration` is the
+    /// per-message TTL of a delayed copy.
+    pub async fn to_queue(
+        &self,
+        queue: &str,
+        body: &[u8],
+        headers: &[(&str, String)],
+        expiration: Option<std::time::Duration>,
+    ) -> Result<(), QueueError> {
+        let mut table = FieldTable::default();
+        for (k, v) in headers {
+            table.insert((*k).into(), super::topology::text(v));
+        }
+        let mut props = persistent()
+            .with_content_type("application/json".into())
+            .with_headers(table);
+        if let Some(ttl) = expiration {
+            props = props.with_expiration(ttl.as_millis().max(1).to_string().as_str().into());
+        }
+        self.confirmed("", queue, false, body, props, "queue copy")
+            .await?;
+        Ok(())
     }
 }
 
-/// The attempt number a delivery carries (1 when absent).
-pub fn attempt_of(props: &BasicProperties) -> u32 {
-    let value = props
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(ATTEMPT_HEADER).cloned());
-    match value {
-        Some(AMQPValue::LongUInt(n)) => n,
-        Some(AMQPValue::LongInt(n)) => n.max(1) as u32,
-        Some(AMQPValue::LongLongInt(n)) => n.max(1) as u32,
-        Some(AMQPValue::ShortUInt(n)) => n as u32,
-        _ => 1,
-    }
-}
-
-/// Table helper for tests and callers that add headers.
-pub fn headers(entries: &[(&str, AMQPValue)]) -> FieldTable {
+/// A field table from entries (queue arguments).
+pub(super) fn headers(entries: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in entries {
         t.insert((*k).into(), v.clone());

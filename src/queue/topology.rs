@@ -9,6 +9,8 @@
 //! {p}.dlx (fanout) ──▶ {p}.jobs.dead (quorum)
 //! {p}.events (topic: job.started|progress|succeeded|failed|expired|canceled)
 //! {p}.control (fanout) ──▶ one exclusive queue per worker
+//! {p}.webhooks (quorum) ◀── the relayed event types; {p}.webhooks.retry.{n} ──▶ {p}.webhooks;
+//!   {p}.webhooks.dead
 //! ```
 //! Delayed retry uses TTL'd queues that dead-letter back to the job exchange, so it needs no broker
 //! plugin and works from RabbitMQ 3.10 (quorum queues with message TTL) through 4.x.
@@ -30,6 +32,14 @@ pub enum Lane {
 impl Lane {
     pub const ALL: [Lane; 2] = [Lane::Interactive, Lane::Bulk];
 
+    /// A lane by its name (`interactive`, `bulk`), as flags, query strings and configs give it.
+    pub fn parse(name: &str) -> Result<Self, UnknownLane> {
+        Self::ALL
+            .into_iter()
+            .find(|l| l.routing_key() == name.trim())
+            .ok_or_else(|| UnknownLane(name.to_string()))
+    }
+
     /// The routing key on the job exchange.
     pub fn routing_key(self) -> &'static str {
         match self {
@@ -38,6 +48,11 @@ impl Lane {
         }
     }
 }
+
+/// A lane name that is neither `interactive` nor `bulk`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown lane `{0}` (expected interactive or bulk)")]
+pub struct UnknownLane(pub String);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
@@ -98,6 +113,21 @@ impl Topology {
 
     pub fn control_exchange(&self) -> String {
         format!("{}.control", self.prefix)
+    }
+
+    /// The webhook relay's work queue (bound to the relayed event types).
+    pub fn webhooks_queue(&self) -> String {
+        format!("{}.webhooks", self.prefix)
+    }
+
+    /// The relay's delayed-retry queue of level `level` (per-message TTLs, back to the work queue).
+    pub fn webhooks_retry_queue(&self, level: usize) -> String {
+        format!("{}.webhooks.retry.{level}", self.prefix)
+    }
+
+    /// Deliveries the relay gave up on.
+    pub fn webhooks_dead_queue(&self) -> String {
+        format!("{}.webhooks.dead", self.prefix)
     }
 
     /// The retry queue for a job that failed attempt `attempt` (1-based).
@@ -205,6 +235,55 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Declares the webhook relay's queues: the work queue bound to every relayed event type,
+    /// `retry_levels` delayed-retry queues that dead-letter back to it, and the dead queue.
+    pub(super) async fn declare_webhooks(
+        &self,
+        ch: &Channel,
+        retry_levels: usize,
+    ) -> lapin::Result<()> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let quorum = || table(&[("x-queue-type", text("quorum"))]);
+        let queue = self.webhooks_queue();
+        ch.queue_declare(queue.as_str().into(), durable, quorum())
+            .await?;
+        for kind in crate::events::EventKind::RELAYED {
+            ch.queue_bind(
+                queue.as_str().into(),
+                self.events_exchange().as_str().into(),
+                kind.routing_key().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        for level in 0..retry_levels {
+            let args = table(&[
+                ("x-queue-type", text("quorum")),
+                ("x-dead-letter-exchange", text("")),
+                ("x-dead-letter-routing-key", text(&queue)),
+            ]);
+            ch.queue_declare(
+                self.webhooks_retry_queue(level).as_str().into(),
+                durable,
+                args,
+            )
+            .await?;
+        }
+        ch.queue_declare(
+            self.webhooks_dead_queue().as_str().into(),
+            durable,
+            quorum(),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +296,14 @@ mod tests {
         assert_eq!(t.dead_queue(), "t2i.jobs.dead");
         assert_eq!(t.retry_queue(Lane::Bulk, 2), "t2i.jobs.retry.bulk.2");
         assert_eq!(t.events_exchange(), "t2i.events");
+    }
+
+    #[test]
+    fn lanes_parse_by_their_routing_keys_only() {
+        assert_eq!(Lane::parse("bulk"), Ok(Lane::Bulk));
+        assert_eq!(Lane::parse(" interactive"), Ok(Lane::Interactive));
+        assert_eq!(Lane::parse("Bulk"), Err(UnknownLane("Bulk".into())));
+        assert!(Lane::parse("").is_err());
     }
 
     #[test]

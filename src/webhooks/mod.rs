@@ -15,25 +15,16 @@ pub mod guard;
 pub mod sign;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Args;
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
+use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{BrokerArgs, UsageError};
-use crate::events::CloudEvent;
-use crate::queue::Topology;
-use crate::queue::publisher::headers as table;
-use crate::queue::topology::text;
+use crate::cli::{UsageError, WebhooksArgs};
+use crate::events::{CloudEvent, EventKind};
+use crate::health::Health;
+use crate::queue::{Connection, Delivery, Publisher, QueueError, Reconnect, Topology};
 use guard::{Guard, GuardedResolver};
 use sign::Secret;
 
@@ -41,90 +32,33 @@ const TARGET_HEADER: &str = "x-t2i-webhook-target";
 const ATTEMPT_HEADER: &str = "x-t2i-webhook-attempt";
 const REASON_HEADER: &str = "x-t2i-webhook-error";
 
-/// Event types relayed (progress events are transient hints and are not relayed).
-pub const RELAYED: [&str; 5] = [
-    "job.started",
-    "job.succeeded",
-    "job.failed",
-    "job.expired",
-    "job.canceled",
-];
-/// What a webhook receives when it names no filter.
-const TERMINAL: [&str; 4] = ["job.succeeded", "job.failed", "job.expired", "job.canceled"];
+/// Webhook POSTs by outcome (`t2i_webhook_deliveries_total`).
+struct Counters(IntCounterVec);
 
-#[derive(Debug, Args)]
-pub struct WebhooksArgs {
-    #[command(flatten)]
-    pub broker: BrokerArgs,
+impl Counters {
+    const OUTCOMES: [&'static str; 5] =
+        ["delivered", "retried", "dead_lettered", "refused", "gone"];
 
-    /// Signing secret, `whsec_<base64>` (Standard Webhooks).
-    #[arg(long, env = "T2I_WEBHOOK_SECRET", hide_env_values = true)]
-    pub secret: String,
+    fn new(health: &Health) -> Self {
+        let c = IntCounterVec::new(
+            prometheus::Opts::new("webhook_deliveries_total", "Webhook POSTs by outcome."),
+            &["outcome"],
+        )
+        .expect("a static, valid metric");
+        health
+            .registry()
+            .register(Box::new(c.clone()))
+            .expect("registered once");
+        // Every outcome appears from the start, at 0, so rates are defined before the first event.
+        for o in Self::OUTCOMES {
+            c.with_label_values(&[o]);
+        }
+        Self(c)
+    }
 
-    /// A receiver for every job's events, in addition to each job's own webhook (repeatable).
-    #[arg(
-        long = "endpoint",
-        env = "T2I_WEBHOOK_ENDPOINTS",
-        value_delimiter = ','
-    )]
-    pub endpoints: Vec<String>,
-
-    /// Event types sent to the --endpoint receivers.
-    #[arg(
-        long,
-        env = "T2I_WEBHOOK_ENDPOINT_EVENTS",
-        value_delimiter = ',',
-        default_value = "job.succeeded,job.failed,job.expired,job.canceled"
-    )]
-    pub endpoint_events: Vec<String>,
-
-    /// Delays between attempts, in seconds (one retry queue each); the last attempt is followed by
-    /// dead-lettering. Default: ~10.5 hours in all.
-    #[arg(
-        long = "webhook-retry-delays",
-        env = "T2I_WEBHOOK_RETRY_DELAYS",
-        value_delimiter = ',',
-        default_value = "5,30,120,600,1800,3600,7200,14400,14400"
-    )]
-    pub webhook_retry_delays: Vec<f64>,
-
-    /// Per-request timeout, in seconds.
-    #[arg(long, env = "T2I_WEBHOOK_TIMEOUT_S", default_value_t = 10)]
-    pub timeout_s: u64,
-
-    /// Deliveries in flight at once.
-    #[arg(long, env = "T2I_WEBHOOK_CONCURRENCY", default_value_t = 64)]
-    pub concurrency: u16,
-
-    /// Allow plain http:// receivers.
-    #[arg(long, env = "T2I_WEBHOOK_ALLOW_HTTP")]
-    pub allow_http: bool,
-
-    /// Allow loopback, private and link-local addresses (trusted networks only).
-    #[arg(long, env = "T2I_WEBHOOK_ALLOW_PRIVATE")]
-    pub allow_private_networks: bool,
-
-    /// `host:port` always allowed, whatever it resolves to (repeatable), e.g. an in-cluster receiver.
-    #[arg(
-        long = "allow-host",
-        env = "T2I_WEBHOOK_ALLOW_HOSTS",
-        value_delimiter = ','
-    )]
-    pub allow_hosts: Vec<String>,
-
-    /// Address for /healthz, /readyz and /metrics.
-    #[arg(long, env = "T2I_HTTP_ADDR")]
-    pub http_addr: Option<std::net::SocketAddr>,
-}
-
-#[derive(Default)]
-struct Counters {
-    delivered: AtomicU64,
-    retried: AtomicU64,
-    dead_lettered: AtomicU64,
-    refused: AtomicU64,
-    gone: AtomicU64,
-    ready: AtomicBool,
+    fn inc(&self, outcome: &str) {
+        self.0.with_label_values(&[outcome]).inc();
+    }
 }
 
 /// What one POST came to.
@@ -144,63 +78,22 @@ enum Attempt {
 
 struct Relay {
     topology: Topology,
+    health: Arc<Health>,
     secret: Secret,
     guard: Arc<Guard>,
     client: reqwest::Client,
     endpoints: Vec<reqwest::Url>,
-    endpoint_events: Vec<String>,
+    endpoint_events: Vec<EventKind>,
     delays: Vec<Duration>,
-    counters: Arc<Counters>,
+    counters: Counters,
 }
 
 impl Relay {
-    fn queue(&self) -> String {
-        format!("{}.webhooks", self.topology.prefix)
-    }
-
-    fn retry_queue(&self, level: usize) -> String {
-        format!("{}.webhooks.retry.{level}", self.topology.prefix)
-    }
-
-    fn dead_queue(&self) -> String {
-        format!("{}.webhooks.dead", self.topology.prefix)
-    }
-
-    async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
-        self.topology.declare(ch).await?;
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        let mut quorum = FieldTable::default();
-        quorum.insert("x-queue-type".into(), text("quorum"));
-        ch.queue_declare(self.queue().as_str().into(), durable, quorum.clone())
-            .await?;
-        for key in RELAYED {
-            ch.queue_bind(
-                self.queue().as_str().into(),
-                self.topology.events_exchange().as_str().into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
-        for level in 0..self.delays.len() {
-            let mut args = quorum.clone();
-            args.insert("x-dead-letter-exchange".into(), text(""));
-            args.insert("x-dead-letter-routing-key".into(), text(&self.queue()));
-            ch.queue_declare(self.retry_queue(level).as_str().into(), durable, args)
-                .await?;
-        }
-        ch.queue_declare(self.dead_queue().as_str().into(), durable, quorum)
-            .await?;
-        Ok(())
-    }
-
     /// Receivers of `event` (the job's webhook when its filter matches, then the static endpoints).
     fn targets(&self, event: &CloudEvent) -> Vec<String> {
-        let kind = event.kind.strip_prefix("t2i.").unwrap_or(&event.kind);
+        let Some(kind) = EventKind::parse(&event.kind) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         if let Some(hook) = event
             .data
@@ -210,14 +103,14 @@ impl Relay {
             .filter(|w| !w.is_null())
         {
             let wants = match hook.get("events").and_then(|e| e.as_array()) {
-                Some(list) => list.iter().any(|e| e.as_str() == Some(kind)),
-                None => TERMINAL.contains(&kind),
+                Some(list) => list.iter().any(|e| e.as_str() == Some(kind.routing_key())),
+                None => EventKind::TERMINAL.contains(&kind),
             };
             if let (true, Some(url)) = (wants, hook.get("url").and_then(|u| u.as_str())) {
                 out.push(url.to_string());
             }
         }
-        if self.endpoint_events.iter().any(|e| e == kind) {
+        if self.endpoint_events.contains(&kind) {
             out.extend(self.endpoints.iter().map(|u| u.to_string()));
         }
         out.dedup();
@@ -298,59 +191,54 @@ impl Relay {
         Some(level)
     }
 
-    async fn handle(&self, ch: &Channel, d: &lapin::message::Delivery) -> lapin::Result<()> {
-        let Ok(event) = serde_json::from_slice::<CloudEvent>(&d.data) else {
+    async fn handle(&self, publisher: &Publisher, d: &Delivery) -> Result<(), QueueError> {
+        let Ok(event) = serde_json::from_slice::<CloudEvent>(d.body()) else {
             tracing::warn!("dropping a message that is not a CloudEvent");
             return Ok(());
         };
-        let headers = d.properties.headers().clone().unwrap_or_default();
-        let header = |k: &str| headers.inner().get(k).cloned();
-        let (targets, attempt) = match header(TARGET_HEADER) {
-            Some(AMQPValue::LongString(t)) => {
-                let attempt = match header(ATTEMPT_HEADER) {
-                    Some(AMQPValue::LongLongInt(n)) => n.max(1) as u32,
-                    Some(AMQPValue::LongInt(n)) => n.max(1) as u32,
-                    _ => 1,
-                };
-                (vec![t.to_string()], attempt + 1)
+        let (targets, attempt) = match d.header_text(TARGET_HEADER) {
+            Some(t) => {
+                // Integers from older relays, text from this one.
+                let before = d
+                    .header_int(ATTEMPT_HEADER)
+                    .or_else(|| d.header_text(ATTEMPT_HEADER)?.parse().ok())
+                    .unwrap_or(1)
+                    .max(1) as u32;
+                (vec![t], before + 1)
             }
-            _ => (self.targets(&event), 1),
+            None => (self.targets(&event), 1),
         };
         for target in targets {
-            let outcome = self.post(&target, &event.id, &d.data).await;
+            let outcome = self.post(&target, &event.id, d.body()).await;
             tracing::info!(event = %event.id, job = %event.subject, %target, attempt, ?outcome, "webhook");
             match outcome {
-                Attempt::Delivered => {
-                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                }
-                Attempt::Gone => {
-                    self.counters.gone.fetch_add(1, Ordering::Relaxed);
-                }
+                Attempt::Delivered => self.counters.inc("delivered"),
+                Attempt::Gone => self.counters.inc("gone"),
                 Attempt::Retry { reason, after } => match self.next_level(attempt, after) {
                     Some(level) => {
-                        self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                        self.counters.inc("retried");
                         // Full jitter in the top quarter of the level's delay, so receivers that
                         // come back are not hit by every retry at once.
-                        let base = self.delays[level].as_millis() as f64;
-                        let ms = (base * (0.75 + 0.25 * rand::random::<f64>())).max(1.0) as u64;
-                        let props = BasicProperties::default()
-                            .with_delivery_mode(2)
-                            .with_content_type("application/json".into())
-                            .with_expiration(ms.to_string().as_str().into())
-                            .with_headers(table(&[
-                                (TARGET_HEADER, text(&target)),
-                                (ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt as i64)),
-                                (REASON_HEADER, text(&reason)),
-                            ]));
-                        publish(ch, &self.retry_queue(level), &d.data, props).await?;
+                        let base = self.delays[level].as_secs_f64();
+                        let wait =
+                            Duration::from_secs_f64(base * (0.75 + 0.25 * rand::random::<f64>()));
+                        let headers = copy_headers(&target, attempt, &reason);
+                        let queue = self.topology.webhooks_retry_queue(level);
+                        publisher
+                            .to_queue(&queue, d.body(), &headers, Some(wait))
+                            .await?;
                     }
-                    None => self.dead_letter(ch, d, &target, attempt, &reason).await?,
+                    None => {
+                        self.dead_letter(publisher, d, &target, attempt, &reason)
+                            .await?
+                    }
                 },
                 Attempt::Permanent(reason) => {
                     if reason.contains("refused ") {
-                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        self.counters.inc("refused");
                     }
-                    self.dead_letter(ch, d, &target, attempt, &reason).await?
+                    self.dead_letter(publisher, d, &target, attempt, &reason)
+                        .await?
                 }
             }
         }
@@ -359,43 +247,28 @@ impl Relay {
 
     async fn dead_letter(
         &self,
-        ch: &Channel,
-        d: &lapin::message::Delivery,
+        publisher: &Publisher,
+        d: &Delivery,
         target: &str,
         attempt: u32,
         reason: &str,
-    ) -> lapin::Result<()> {
-        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    ) -> Result<(), QueueError> {
+        self.counters.inc("dead_lettered");
         tracing::warn!(%target, attempt, reason, "webhook dead-lettered");
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_headers(table(&[
-                (TARGET_HEADER, text(target)),
-                (ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt as i64)),
-                (REASON_HEADER, text(reason)),
-            ]));
-        publish(ch, &self.dead_queue(), &d.data, props).await
+        let headers = copy_headers(target, attempt, reason);
+        let queue = self.topology.webhooks_dead_queue();
+        publisher.to_queue(&queue, d.body(), &headers, None).await
     }
 }
 
-/// Publishes to a queue through the default exchange, confirmed.
-async fn publish(
-    ch: &Channel,
-    queue: &str,
-    body: &[u8],
-    props: BasicProperties,
-) -> lapin::Result<()> {
-    ch.basic_publish(
-        "".into(),
-        queue.into(),
-        BasicPublishOptions::default(),
-        body,
-        props,
-    )
-    .await?
-    .await?;
-    Ok(())
+/// The headers of a retry or dead-letter copy: the one target it is for, the attempt it failed
+/// and why.
+fn copy_headers(target: &str, attempt: u32, reason: &str) -> [(&'static str, String); 3] {
+    [
+        (TARGET_HEADER, target.to_string()),
+        (ATTEMPT_HEADER, attempt.to_string()),
+        (REASON_HEADER, reason.to_string()),
+    ]
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -424,7 +297,7 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     Some(Duration::from_secs(secs.max(0) as u64))
 }
 
-pub fn run(args: WebhooksArgs) -> Result<()> {
+pub async fn run(args: WebhooksArgs, shutdown: CancellationToken) -> Result<()> {
     let usage = |m: String| anyhow::Error::from(UsageError(m));
     let secret = Secret::parse(&args.secret).map_err(usage)?;
     let guard = Arc::new(Guard {
@@ -440,15 +313,19 @@ pub fn run(args: WebhooksArgs) -> Result<()> {
             .map_err(|why| usage(format!("--endpoint: {why}")))?;
         endpoints.push(url);
     }
-    if let Some(bad) = args
-        .endpoint_events
-        .iter()
-        .find(|e| !RELAYED.contains(&e.as_str()))
-    {
-        return Err(usage(format!(
-            "--endpoint-events: `{bad}` is not one of {}",
-            RELAYED.join(", ")
-        )));
+    let mut endpoint_events = Vec::new();
+    for name in &args.endpoint_events {
+        match EventKind::parse(name).filter(|k| EventKind::RELAYED.contains(k)) {
+            Some(kind) if kind.routing_key() == name => endpoint_events.push(kind),
+            _ => {
+                let relayed: Vec<&str> =
+                    EventKind::RELAYED.iter().map(|k| k.routing_key()).collect();
+                return Err(usage(format!(
+                    "--endpoint-events: `{name}` is not one of {}",
+                    relayed.join(", ")
+                )));
+            }
+        }
     }
     if args
         .webhook_retry_delays
@@ -473,91 +350,70 @@ pub fn run(args: WebhooksArgs) -> Result<()> {
             }
         }))
         .build()?;
+    let health = Health::new();
     let relay = Arc::new(Relay {
         topology: crate::config::topology(&args.broker)?,
+        counters: Counters::new(&health),
+        health,
         secret,
         guard,
         client,
         endpoints,
-        endpoint_events: args.endpoint_events.clone(),
+        endpoint_events,
         delays: args
             .webhook_retry_delays
             .iter()
             .map(|&s| Duration::from_secs_f64(s))
             .collect(),
-        counters: Arc::new(Counters::default()),
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let shutdown = crate::shutdown::on_signals();
-        if let Some(addr) = args.http_addr {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr}"))?;
-            tokio::spawn(serve_http(listener, relay.counters.clone()));
+    if let Some(addr) = args.http_addr {
+        crate::health::serve(addr, relay.health.clone(), shutdown.clone())
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+    }
+    let reconnect = Reconnect::new(&args.broker.amqp_url, "t2i webhooks");
+    while let Some(conn) = reconnect.connect(&shutdown).await {
+        let ended = session(&relay, &conn, args.concurrency, &shutdown).await;
+        relay.health.set_ready(false);
+        conn.close("bye").await;
+        match ended {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::warn!(error = %e, "broker session ended; reconnecting"),
         }
-        let mut attempt = 0u32;
-        loop {
-            match session(&relay, &args.broker.amqp_url, args.concurrency, &shutdown).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    relay.counters.ready.store(false, Ordering::Relaxed);
-                    let wait = crate::queue::backoff(
-                        attempt,
-                        Duration::from_millis(500),
-                        Duration::from_secs(30),
-                    );
-                    tracing::warn!(error = %e, ?wait, "broker session ended; reconnecting");
-                    attempt = attempt.saturating_add(1);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
+        if !reconnect.pause(&shutdown).await {
+            break;
         }
-    })
+    }
+    Ok(())
 }
 
 /// One broker session: consume, deliver, ack. Ends on shutdown (Ok) or a broker error.
 async fn session(
     relay: &Arc<Relay>,
-    url: &str,
+    conn: &Connection,
     concurrency: u16,
     shutdown: &CancellationToken,
 ) -> Result<()> {
-    let conn = crate::queue::connect(url, "t2i webhooks").await?;
-    let ch = conn.create_channel().await?;
-    relay.declare(&ch).await?;
-    let publish_ch = conn.create_channel().await?;
-    publish_ch.confirm_select(Default::default()).await?;
-    ch.basic_qos(concurrency.max(1), BasicQosOptions::default())
+    conn.declare_webhooks(&relay.topology, relay.delays.len())
         .await?;
-    let mut consumer = ch
-        .basic_consume(
-            relay.queue().as_str().into(),
-            "t2i-webhooks".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    relay.counters.ready.store(true, Ordering::Relaxed);
-    tracing::info!(queue = %relay.queue(), "relaying webhooks");
+    let publisher = conn.publisher(&relay.topology).await?;
+    let queue = relay.topology.webhooks_queue();
+    let mut consumer = conn.consume(&queue, "t2i-webhooks", concurrency).await?;
+    relay.health.set_ready(true);
+    tracing::info!(%queue, "relaying webhooks");
     let tracker = tokio_util::task::TaskTracker::new();
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             next = consumer.next() => match next {
                 Some(Ok(d)) => {
-                    let (relay, publish_ch) = (relay.clone(), publish_ch.clone());
+                    let (relay, publisher) = (relay.clone(), publisher.clone());
                     tracker.spawn(async move {
-                        match relay.handle(&publish_ch, &d).await {
-                            Ok(()) => { let _ = d.ack(BasicAckOptions::default()).await; }
+                        match relay.handle(&publisher, &d).await {
+                            Ok(()) => { let _ = d.ack().await; }
                             Err(e) => {
                                 tracing::warn!(error = %e, "could not schedule a retry; requeueing");
-                                let _ = d.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                                let _ = d.requeue().await;
                             }
                         }
                     });
@@ -569,50 +425,7 @@ async fn session(
     };
     tracker.close();
     tracker.wait().await;
-    let _ = conn.close(0, "bye".into()).await;
     result
-}
-
-async fn serve_http(listener: tokio::net::TcpListener, counters: Arc<Counters>) {
-    use axum::extract::State;
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(c): State<Arc<Counters>>| async move {
-                if c.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|State(c): State<Arc<Counters>>| async move {
-                let mut out = String::from(
-                    "# HELP t2i_webhook_deliveries_total Webhook POSTs by outcome.\n\
-                     # TYPE t2i_webhook_deliveries_total counter\n",
-                );
-                for (name, v) in [
-                    ("delivered", &c.delivered),
-                    ("retried", &c.retried),
-                    ("dead_lettered", &c.dead_lettered),
-                    ("refused", &c.refused),
-                    ("gone", &c.gone),
-                ] {
-                    out.push_str(&format!(
-                        "t2i_webhook_deliveries_total{{outcome=\"{name}\"}} {}\n",
-                        v.load(Ordering::Relaxed)
-                    ));
-                }
-                out
-            }),
-        )
-        .with_state(counters);
-    let _ = axum::serve(listener, app).await;
 }
 
 #[cfg(test)]

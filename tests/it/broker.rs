@@ -15,7 +15,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use t2i_worker::events::CloudEvent;
-use t2i_worker::queue::{Lane, Publisher, Topology};
+use t2i_worker::queue::{Connection, Lane, Publisher, Topology};
 
 use crate::support::model_dir;
 
@@ -100,7 +100,8 @@ pub struct World {
     pub prefix: String,
     pub topology: Topology,
     pub env: Vec<(String, String)>,
-    pub conn: lapin::Connection,
+    /// The test's own connection; `conn.raw()` for what tests do to the broker directly.
+    pub conn: Connection,
     pub publisher: Publisher,
     events_queue: String,
     events: lapin::Consumer,
@@ -124,13 +125,13 @@ impl World {
             delivery_limit: 5,
             retry_delays: delays.iter().map(|&s| Duration::from_secs(s)).collect(),
         };
-        let conn = t2i_worker::queue::connect(&amqp_url(), "t2i-tests")
+        let conn = Connection::open(&amqp_url(), "t2i-tests")
             .await
             .expect("RabbitMQ is up");
-        let publisher = Publisher::open(&conn, &topology).await.unwrap();
-        topology.declare(publisher.channel()).await.unwrap();
+        let publisher = conn.publisher(&topology).await.unwrap();
+        conn.declare(&topology).await.unwrap();
         let events_queue = format!("{prefix}.test-events");
-        let (events, _) = Self::bind_events(&conn, &topology, &events_queue).await;
+        let (events, _) = Self::bind_events(conn.raw(), &topology, &events_queue).await;
         Self {
             prefix,
             topology,
@@ -185,7 +186,7 @@ impl World {
     pub async fn reconnect(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let conn = loop {
-            match t2i_worker::queue::connect(&amqp_url(), "t2i-tests").await {
+            match Connection::open(&amqp_url(), "t2i-tests").await {
                 Ok(c) => break c,
                 Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(500)).await
@@ -193,8 +194,8 @@ impl World {
                 Err(e) => panic!("RabbitMQ did not come back: {e}"),
             }
         };
-        self.publisher = Publisher::open(&conn, &self.topology).await.unwrap();
-        let (events, _) = Self::bind_events(&conn, &self.topology, &self.events_queue).await;
+        self.publisher = conn.publisher(&self.topology).await.unwrap();
+        let (events, _) = Self::bind_events(conn.raw(), &self.topology, &self.events_queue).await;
         self.events = events;
         self.conn = conn;
     }
@@ -309,7 +310,7 @@ impl World {
     }
 
     pub async fn message_count(&self, queue: &str) -> u32 {
-        let ch = self.conn.create_channel().await.unwrap();
+        let ch = self.conn.raw().create_channel().await.unwrap();
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -326,7 +327,7 @@ impl World {
 
     /// Deletes this test's queues (exchanges are cheap and left).
     pub async fn cleanup(self) {
-        let ch = self.conn.create_channel().await.unwrap();
+        let ch = self.conn.raw().create_channel().await.unwrap();
         let mut queues = vec![self.events_queue.clone(), self.topology.dead_queue()];
         for lane in Lane::ALL {
             queues.push(self.topology.queue(lane));
@@ -339,7 +340,7 @@ impl World {
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        let _ = self.conn.close(200, "done".into()).await;
+        self.conn.close("done").await;
     }
 }
 

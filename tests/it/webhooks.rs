@@ -225,7 +225,7 @@ async fn webhooks_are_signed_retried_and_guarded() {
     );
 
     // The refused deliveries are dead-lettered with the reason.
-    let ch = world.conn.create_channel().await.unwrap();
+    let ch = world.conn.raw().create_channel().await.unwrap();
     let dead_q = format!("{}.webhooks.dead", world.prefix);
     let mut reasons = Vec::new();
     while let Some(m) = ch

@@ -516,7 +516,7 @@ async fn deadlines_reply_to_reannouncement_and_cancellation_follow_the_contract(
         .await;
 
     // 2. reply_to + correlation_id get the terminal event.
-    let ch = world.conn.create_channel().await.unwrap();
+    let ch = world.conn.raw().create_channel().await.unwrap();
     let reply_q = ch
         .queue_declare(
             "".into(),
@@ -540,16 +540,17 @@ async fn deadlines_reply_to_reannouncement_and_cancellation_follow_the_contract(
         )
         .await
         .unwrap();
-    let props = lapin::BasicProperties::default()
-        .with_reply_to(reply_q.name().clone())
-        .with_correlation_id("corr-1".into());
+    let reply_to = t2i_worker::queue::ReplyTo {
+        queue: reply_q.name().to_string(),
+        correlation_id: Some("corr-1".into()),
+    };
     world
         .publisher
         .job(
             Lane::Interactive,
             "asked",
             &job("asked", 32, 32, 1, "euler", 5, 1),
-            Some(props),
+            Some(&reply_to),
         )
         .await
         .unwrap();

@@ -1,0 +1,387 @@
+//! The flags of each subcommand. Groups shared by several (broker, model, storage, generation,
+//! limits) live in [`super`] and are flattened in, so each flag has one home.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{BrokerArgs, GenerationArgs, LimitArgs, ModelArgs, StorageArgs};
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    /// Job ids to cancel.
+    pub job_ids: Vec<String>,
+
+    /// Batch id to cancel (every job whose `batch.id` it is); repeatable.
+    #[arg(long = "batch")]
+    pub batches: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// http:// URL to probe.
+    #[arg(
+        env = "T2I_HEALTHCHECK_URL",
+        default_value = "http://127.0.0.1:9090/healthz"
+    )]
+    pub url: String,
+
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 5)]
+    pub timeout_s: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A prompt; repeat for several.
+    #[arg(long = "prompt", value_name = "TEXT")]
+    pub prompts: Vec<String>,
+
+    /// A file with one prompt per line (`-` for stdin); blank lines and lines starting with `#` are
+    /// skipped.
+    #[arg(long, value_name = "PATH")]
+    pub prompts_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+
+    /// Seed of the first image of each prompt; image i uses seed + i [default: random, printed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Images per prompt, 1..=8.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: u32,
+
+    /// Initial latents (safetensors with a tensor `latents` of shape [n, 4, h/8, w/8], unscaled, like
+    /// diffusers' `latents=`), one row per image in output order.
+    #[arg(long, value_name = "FILE")]
+    pub latents: Option<PathBuf>,
+
+    /// Output file (one image) or folder.
+    #[arg(long, short, default_value = "outputs")]
+    pub output: PathBuf,
+
+    /// Image format: png, jpeg, webp [default: from --output's extension, else png].
+    #[arg(long)]
+    pub format: Option<String>,
+
+    /// JPEG quality, 1..=100.
+    #[arg(long, default_value_t = 90)]
+    pub quality: u8,
+
+    /// Images rendered together on the device. Results do not depend on it (each image has its own
+    /// seeded noise); larger batches are faster on GPUs and use more memory.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SchemasArgs {
+    /// Output folder.
+    #[arg(long, default_value = "schemas")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub storage: StorageArgs,
+
+    /// Most images rendered in one device batch.
+    #[arg(long, env = "T2I_MAX_BATCH", default_value_t = 4)]
+    pub max_batch: u32,
+
+    /// How long a partial batch waits for compatible jobs, in milliseconds.
+    #[arg(long, env = "T2I_BATCH_WINDOW_MS", default_value_t = 50)]
+    pub batch_window_ms: u64,
+
+    /// Job queues to consume: `interactive`, `bulk` or both (interactive first). A bulk-only pool can
+    /// scale to zero while interactive workers stay up.
+    #[arg(
+        long,
+        env = "T2I_LANES",
+        default_value = "interactive,bulk",
+        value_delimiter = ','
+    )]
+    pub lanes: Vec<String>,
+
+    /// Unacknowledged deliveries per queue [default: 2 × max batch, so the next batch is ready while
+    /// the previous one uploads].
+    #[arg(long, env = "T2I_PREFETCH")]
+    pub prefetch: Option<u16>,
+
+    /// This worker's name in events and connection names [default: hostname-pid].
+    #[arg(long, env = "T2I_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Address for /healthz, /readyz and /metrics (e.g. 0.0.0.0:9090); off when unset.
+    #[arg(long, env = "T2I_HTTP_ADDR")]
+    pub http_addr: Option<std::net::SocketAddr>,
+
+    /// A batch running longer than this fails its jobs with `timeout`, in seconds.
+    #[arg(long, env = "T2I_JOB_TIMEOUT_S", default_value_t = 600)]
+    pub job_timeout_s: u64,
+
+    /// After SIGTERM/SIGINT, how long in-flight work may take to finish, in seconds.
+    #[arg(long, env = "T2I_GRACE_PERIOD_S", default_value_t = 60)]
+    pub grace_period_s: u64,
+
+    /// Minimum interval between two job.progress events of a job, in milliseconds.
+    #[arg(long, env = "T2I_PROGRESS_INTERVAL_MS", default_value_t = 1000)]
+    pub progress_interval_ms: u64,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+
+    /// Batch sizes to measure, comma-separated (e.g. 1,4,8).
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    pub batch_sizes: Vec<usize>,
+
+    /// Untimed renders per batch size before measuring (kernel loading, allocator warm-up).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+
+    /// Timed renders per batch size (the mean is reported).
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+
+    /// Print one JSON object per batch size instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    /// A prompt (repeatable): one job each.
+    #[arg(long)]
+    pub prompt: Vec<String>,
+
+    /// Jobs from a file: `.jsonl` (job objects), `.csv` (a header row of job fields), anything else a
+    /// prompt per line (`#` comments). `-` reads standard input as a prompt list.
+    #[arg(long, short = 'i')]
+    pub input: Option<PathBuf>,
+
+    /// Format of --input instead of its extension: jsonl, csv, prompts.
+    #[arg(long)]
+    pub input_format: Option<String>,
+
+    /// Prompt template with `{name}` placeholders, filled from --var lists.
+    #[arg(long)]
+    pub template: Option<String>,
+
+    /// Values of a template placeholder: `name=v1,v2,...` (repeatable).
+    #[arg(long = "var")]
+    pub vars: Vec<String>,
+
+    /// Combine --var lists element by element instead of every combination.
+    #[arg(long)]
+    pub zip: bool,
+
+    /// Jobs per prompt, each with its own seed.
+    #[arg(long, default_value_t = 1)]
+    pub images_per_prompt: u32,
+
+    /// Seeds for items without one: `index` (--seed + item index) or `random` (64-bit, derived from
+    /// the batch id and index so a rerun reuses them). Seeds are always written into the jobs.
+    #[arg(long, default_value = "index")]
+    pub seed_strategy: String,
+
+    /// Base seed of the `index` strategy.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Batch id [default: derived from the expanded jobs, so the same command gets the same id].
+    #[arg(long)]
+    pub batch_id: Option<String>,
+
+    /// Object key prefix of the images [default: datasets/<batch id>/].
+    #[arg(long)]
+    pub key_prefix: Option<String>,
+
+    /// Queue: `bulk` or `interactive` [default: interactive for --prompt, bulk otherwise].
+    #[arg(long)]
+    pub lane: Option<String>,
+
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+    /// Images per job, 1..=8 [default: 1].
+    #[arg(long)]
+    pub num_images: Option<u32>,
+    /// Model the jobs ask for (a worker serving another one rejects them).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Image format: png, jpeg, webp.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Webhook URL for every job's events (the relay signs and delivers them).
+    #[arg(long)]
+    pub webhook: Option<String>,
+
+    #[command(flatten)]
+    pub storage: StorageArgs,
+
+    /// Publish every item even if its result is already stored.
+    #[arg(long)]
+    pub no_skip: bool,
+
+    /// Print the expanded jobs (JSON lines) and publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Outstanding publisher confirms (backpressure window).
+    #[arg(long, default_value_t = 4096)]
+    pub confirm_window: usize,
+
+    /// Wait for every job's terminal event; exit 1 if any did not succeed.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// Give up waiting after this many seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub wait_timeout_s: u64,
+
+    /// With --wait: write `metadata.jsonl` (Hugging Face ImageFolder) into this folder.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+
+    /// With --manifest: download the images next to it (`images/`), verifying their sha256.
+    #[arg(long)]
+    pub download: bool,
+
+    /// With --wait: write WebDataset shards (`shard-00000.tar`, ...) into this folder.
+    #[arg(long)]
+    pub webdataset: Option<PathBuf>,
+
+    /// Samples per WebDataset shard.
+    #[arg(long, default_value_t = 1000)]
+    pub shard_size: usize,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
+
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WebhooksArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    /// Signing secret, `whsec_<base64>` (Standard Webhooks).
+    #[arg(long, env = "T2I_WEBHOOK_SECRET", hide_env_values = true)]
+    pub secret: String,
+
+    /// A receiver for every job's events, in addition to each job's own webhook (repeatable).
+    #[arg(
+        long = "endpoint",
+        env = "T2I_WEBHOOK_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub endpoints: Vec<String>,
+
+    /// Event types sent to the --endpoint receivers.
+    #[arg(
+        long,
+        env = "T2I_WEBHOOK_ENDPOINT_EVENTS",
+        value_delimiter = ',',
+        default_value = "job.succeeded,job.failed,job.expired,job.canceled"
+    )]
+    pub endpoint_events: Vec<String>,
+
+    /// Delays between attempts, in seconds (one retry queue each); the last attempt is followed by
+    /// dead-lettering. Default: ~10.5 hours in all.
+    #[arg(
+        long = "webhook-retry-delays",
+        env = "T2I_WEBHOOK_RETRY_DELAYS",
+        value_delimiter = ',',
+        default_value = "5,30,120,600,1800,3600,7200,14400,14400"
+    )]
+    pub webhook_retry_delays: Vec<f64>,
+
+    /// Per-request timeout, in seconds.
+    #[arg(long, env = "T2I_WEBHOOK_TIMEOUT_S", default_value_t = 10)]
+    pub timeout_s: u64,
+
+    /// Deliveries in flight at once.
+    #[arg(long, env = "T2I_WEBHOOK_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: u16,
+
+    /// Allow plain http:// receivers.
+    #[arg(long, env = "T2I_WEBHOOK_ALLOW_HTTP")]
+    pub allow_http: bool,
+
+    /// Allow loopback, private and link-local addresses (trusted networks only).
+    #[arg(long, env = "T2I_WEBHOOK_ALLOW_PRIVATE")]
+    pub allow_private_networks: bool,
+
+    /// `host:port` always allowed, whatever it resolves to (repeatable), e.g. an in-cluster receiver.
+    #[arg(
+        long = "allow-host",
+        env = "T2I_WEBHOOK_ALLOW_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allow_hosts: Vec<String>,
+
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "T2I_HTTP_ADDR")]
+    pub http_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    /// Listen address.
+    #[arg(long, env = "T2I_GATEWAY_ADDR", default_value = "0.0.0.0:8080")]
+    pub addr: std::net::SocketAddr,
+
+    #[command(flatten)]
+    pub storage: StorageArgs,
+
+    /// Require `Authorization: Bearer <token>` on the API.
+    #[arg(long, env = "T2I_GATEWAY_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    /// How long POST /generate-image waits for the result, in seconds.
+    #[arg(long, env = "T2I_GATEWAY_WAIT_TIMEOUT_S", default_value_t = 120)]
+    pub wait_timeout_s: u64,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
+
+    /// The model jobs are checked against (a job naming another one is refused).
+    #[arg(long, env = "T2I_MODEL", default_value = "segmind/SSD-1B")]
+    pub model: String,
+}

@@ -1,0 +1,206 @@
+//! Command-line flags (clap derive). Every flag that configures a deployment has a `T2I_*`
+//! environment variable; the `///` comment on each field is its `--help` text. Nothing here validates
+//! beyond syntax: `config`, `job::Generation::parse` and the subcommands do that. The subcommands
+//! import their flags from here, never the other way round.
+
+mod commands;
+
+pub use commands::{
+    BenchArgs, CancelArgs, EnqueueArgs, GatewayArgs, GenerateArgs, HealthcheckArgs, SchemasArgs,
+    WebhooksArgs, WorkerArgs,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "t2i",
+    version,
+    about = "Text-to-image with SDXL-family models (SSD-1B, SDXL, Vega) in candle"
+)]
+pub struct Cli {
+    /// Log verbosity filter (tracing EnvFilter syntax), e.g. `info`, `t2i_worker=debug`.
+    #[arg(long, env = "T2I_LOG", default_value = "warn", global = true)]
+    pub log: String,
+
+    /// Log format: `text` or `json` (one object per line).
+    #[arg(long, env = "T2I_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate images locally from prompts (no broker).
+    Generate(GenerateArgs),
+    /// Measure load, per-step and end-to-end speed and memory for a model, device and dtype.
+    Bench(BenchArgs),
+    /// Consume jobs from RabbitMQ, render, store in S3 or a folder, publish events.
+    Worker(WorkerArgs),
+    /// Write the JSON Schemas of the message contract (generated from the Rust types).
+    Schemas(SchemasArgs),
+    /// Publish one job or a bulk set (JSONL, CSV, prompt list, template); optionally wait and write a
+    /// dataset manifest.
+    Enqueue(EnqueueArgs),
+    /// Relay job events to HTTP receivers, signed per the Standard Webhooks spec, with retries.
+    Webhooks(WebhooksArgs),
+    /// HTTP front door: POST /v1/jobs, GET /v1/jobs/{id}, POST /generate-image (waits for the result).
+    Gateway(GatewayArgs),
+    /// Cancel jobs or whole batches: waiting jobs are dropped, running ones stop between steps.
+    Cancel(CancelArgs),
+    /// Exit 0 when a URL answers 200 (container HEALTHCHECK without curl in the image).
+    Healthcheck(HealthcheckArgs),
+}
+
+/// Where the model comes from and how it runs.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Hugging Face repo id (resolved through the hub cache; HF_HOME, HF_HUB_OFFLINE apply) or a local
+    /// diffusers folder.
+    #[arg(long, env = "T2I_MODEL", default_value = "segmind/SSD-1B")]
+    pub model: String,
+
+    /// Hub revision to pin: branch, tag or commit hash.
+    #[arg(long, env = "T2I_MODEL_REVISION")]
+    pub revision: Option<String>,
+
+    /// Weight files: `auto` (the .fp16 files for f16/bf16, full precision otherwise), `default`, `fp16`.
+    #[arg(long, env = "T2I_MODEL_VARIANT", default_value = "auto")]
+    pub variant: String,
+
+    /// Device: cpu, cuda, cuda:N, metal.
+    #[arg(long, env = "T2I_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Compute dtype: f32, f16, bf16, or auto (f32 on CPU, bf16 on CUDA, f16 on Metal). The VAE never
+    /// runs in f16.
+    #[arg(long, env = "T2I_DTYPE", default_value = "auto")]
+    pub dtype: String,
+}
+
+/// A mistake in what the user asked for (bad flag values, missing model files): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Broker settings shared by the worker and the clients.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// AMQP URL of RabbitMQ.
+    #[arg(
+        long,
+        env = "T2I_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name (`t2i` → `t2i.jobs`, `t2i.events`, ...).
+    #[arg(long, env = "T2I_AMQP_PREFIX", default_value = "t2i")]
+    pub amqp_prefix: String,
+
+    /// Deliveries of one job before it is dead-lettered (quorum `x-delivery-limit`; also the number of
+    /// attempts for transient failures).
+    #[arg(long, env = "T2I_DELIVERY_LIMIT", default_value_t = 5)]
+    pub delivery_limit: u32,
+
+    /// Delays before retry attempts 2, 3, ... in seconds (one retry queue each; the last repeats).
+    #[arg(
+        long,
+        env = "T2I_RETRY_DELAYS",
+        default_value = "1,4,16,64",
+        value_delimiter = ','
+    )]
+    pub retry_delays: Vec<f64>,
+}
+
+/// Bounds on image sizes, shared by the worker and the clients that check jobs before publishing
+/// (same variables, so one deployment configuration applies to all).
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Smallest accepted width/height.
+    #[arg(long, env = "T2I_MIN_SIDE", default_value_t = 64)]
+    pub min_side: u32,
+
+    /// Largest accepted width/height.
+    #[arg(long, env = "T2I_MAX_SIDE", default_value_t = 2048)]
+    pub max_side: u32,
+
+    /// Largest accepted width × height.
+    #[arg(long, env = "T2I_MAX_PIXELS", default_value_t = 2048 * 2048)]
+    pub max_pixels: u64,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> crate::job::Limits {
+        crate::job::Limits {
+            min_side: self.min_side,
+            max_side: self.max_side,
+            max_pixels: self.max_pixels,
+            ..crate::job::Limits::default()
+        }
+    }
+}
+
+/// Where the workers store images and `result.json`: the worker writes there, `enqueue` and the
+/// gateway read results from it.
+#[derive(Debug, Clone, Args)]
+pub struct StorageArgs {
+    /// Where images go: `s3://bucket/prefix`, `file:///path` or a folder.
+    #[arg(long, env = "T2I_STORAGE", default_value = "./outputs")]
+    pub storage: String,
+
+    /// S3 path-style addressing [default: on when AWS_ENDPOINT_URL is set].
+    #[arg(long, env = "T2I_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: Option<bool>,
+}
+
+/// The shape of an image, for the subcommands that make or describe jobs (`generate`, `enqueue`,
+/// `bench`). Absent values take the model's defaults, exactly as a job's absent fields do.
+#[derive(Debug, Clone, Args)]
+pub struct GenerationArgs {
+    /// Negative prompt for every image. Without one, SDXL-family models use zero embeddings.
+    #[arg(long, value_name = "TEXT")]
+    pub negative_prompt: Option<String>,
+
+    /// Width in pixels, a multiple of 8 [default: the model's, 1024 for SSD-1B].
+    #[arg(long)]
+    pub width: Option<u32>,
+
+    /// Height in pixels, a multiple of 8 [default: the model's].
+    #[arg(long)]
+    pub height: Option<u32>,
+
+    /// Denoising steps, 1..=150 [default: 25; `t2i bench`: 4].
+    #[arg(long)]
+    pub steps: Option<u32>,
+
+    /// Classifier-free guidance scale, 0..=30; ≤ 1 disables guidance [default: 5].
+    #[arg(long, allow_negative_numbers = true)]
+    pub guidance_scale: Option<f64>,
+
+    /// Sampler: euler, euler_ancestral, ddim, dpmpp_2m, dpmpp_2m_karras [default: the model's, euler
+    /// for SSD-1B].
+    #[arg(long)]
+    pub scheduler: Option<String>,
+}
+
+impl GenerationArgs {
+    /// A request for `prompt` with these values (seed and image count are the caller's).
+    pub fn request(&self, prompt: &str) -> crate::job::GenerationRequest {
+        crate::job::GenerationRequest {
+            prompt: prompt.to_string(),
+            negative_prompt: self.negative_prompt.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            scheduler: self.scheduler.clone(),
+            seed: None,
+            num_images: None,
+        }
+    }
+}

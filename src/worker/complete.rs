@@ -1,0 +1,462 @@
+//! The end of a job's path: carry out the [`Action`] decided for it (at intake or after its batch
+//! rendered) against the image store and the event sink, and say how its delivery is to be settled.
+//!
+//! * `Complete`: encode off the async threads → store images, then `result.json` (its presence
+//!   means every image is stored) → announce `job.succeeded` (confirmed) → [`Outcome::Completed`].
+//! * `Reannounce` (a redelivery whose `result.json` exists): announce the stored result again.
+//! * `End` (deadline passed, canceled): `job.expired` / `job.canceled` → `Completed`.
+//! * `Fail` (OOM, device error, timeout, encoding): `job.failed` → [`Outcome::Rejected`].
+//! * `RetryOrFail` (storage trouble): [`Outcome::Retry`] before the last attempt, else `Fail`.
+//! * An invalid body: `job.failed` (`invalid_input`, field, value, bound) → `Rejected`.
+//!
+//! An event that cannot be announced leaves the delivery unsettled ([`Outcome::Abandoned`]): the
+//! session reconnects and the broker redelivers; deterministic keys and event ids make the second
+//! run overwrite rather than duplicate. The handler is generic over [`ImageStore`] and
+//! [`EventSink`] so its every outcome is unit-tested with in-memory fakes (`complete_tests.rs`); it
+//! never sees a delivery — the session settles it ([`super::session`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use sha2::Digest;
+use time::OffsetDateTime;
+
+use super::metrics::Metrics;
+use crate::events::{
+    CloudEvent, ErrorCode, ErrorInfo, EventData, EventKind, ImageRecord, TimingsMs,
+};
+use crate::image::{ImageMetadata, ParametersText, encode, parameters_text};
+use crate::job::{Job, JobId, Rejection};
+use crate::queue::{Delivered, Lane, Publisher, QueueError, ReplyTo};
+use crate::storage::{ImageStore, ObjectKey, StorageError};
+
+/// Where terminal events go: the events exchange (confirmed) and the job's `reply_to`.
+pub trait EventSink: Send + Sync + 'static {
+    fn announce(
+        &self,
+        event: &CloudEvent,
+        reply: Option<&ReplyTo>,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send;
+}
+
+impl EventSink for Publisher {
+    async fn announce(
+        &self,
+        event: &CloudEvent,
+        reply: Option<&ReplyTo>,
+    ) -> Result<(), QueueError> {
+        let kind = EventKind::parse(&event.kind).unwrap_or(EventKind::Failed);
+        if self.event(event, kind).await? == Delivered::Unroutable {
+            tracing::debug!(job = %event.subject, "event unroutable: no queue bound to the events exchange");
+        }
+        if let Some(r) = reply {
+            // The requester may be gone (its exclusive queue deleted): an unroutable reply is fine.
+            self.reply(&r.queue, r.correlation_id.as_deref(), event)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// What the worker knows of a job's delivery, besides the job itself.
+#[derive(Debug, Clone)]
+pub struct JobMeta {
+    pub lane: Lane,
+    /// 1 for the first delivery; retries carry the next number.
+    pub attempt: u32,
+    /// When this worker received it.
+    pub arrived: Instant,
+    /// When it was published (AMQP timestamp), for queue-wait figures.
+    pub published: Option<OffsetDateTime>,
+    pub reply_to: Option<ReplyTo>,
+}
+
+/// What is to happen to a job, decided at intake or after its batch rendered.
+pub enum Action {
+    Complete {
+        images: Vec<RgbImage>,
+        truncated: bool,
+        timing: BatchTiming,
+    },
+    Reannounce(Box<EventData>),
+    End(EventKind),
+    Fail(ErrorCode, String),
+    RetryOrFail(String),
+}
+
+/// How a delivery is to be settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done with (stored and announced, or ended early and announced): ack.
+    Completed,
+    /// Announced as failed for good: reject, so the broker dead-letters it.
+    Rejected,
+    /// Transient trouble before the last attempt: a delayed copy into the retry queue, then ack.
+    Retry,
+    /// The terminal event could not be announced: leave it unsettled and reconnect.
+    Abandoned,
+}
+
+/// Timing of the batch a job was rendered in.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchTiming {
+    /// When the batch started rendering.
+    pub started: Instant,
+    /// Publication (or receipt) to `started`.
+    pub queued: Duration,
+    pub inference: Duration,
+}
+
+/// The completion handler of one worker.
+pub struct Completion<St, Si> {
+    pub store: Arc<St>,
+    pub sink: Si,
+    pub worker_id: String,
+    /// As configured (`segmind/SSD-1B`), reported in events and image metadata.
+    pub model: String,
+    pub dtype: &'static str,
+    /// Attempts before a transient failure becomes `job.failed` (the queue's delivery limit).
+    pub max_attempts: u32,
+    pub metrics: Arc<Metrics>,
+}
+
+impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
+    /// The `data` every event of `job` starts from.
+    pub fn data(&self, job: &Job, attempt: u32, kind: EventKind) -> EventData {
+        EventData {
+            job_id: job.job_id.to_string(),
+            status: kind.status().into(),
+            attempt,
+            worker: self.worker_id.clone(),
+            model: self.model.clone(),
+            params: serde_json::to_value(job).ok(),
+            images: vec![],
+            timings_ms: None,
+            error: None,
+            progress: None,
+            prompt_truncated: false,
+            batch: job
+                .batch
+                .as_ref()
+                .and_then(|b| serde_json::to_value(b).ok()),
+            metadata: job.metadata.clone(),
+        }
+    }
+
+    pub fn event(&self, kind: EventKind, data: EventData) -> CloudEvent {
+        CloudEvent::new(kind, &self.worker_id, data, OffsetDateTime::now_utc())
+    }
+
+    /// Publishes a terminal event; `Completed`/`Rejected` as asked when it got out, else `Abandoned`.
+    async fn announce(
+        &self,
+        kind: EventKind,
+        data: EventData,
+        reply: Option<&ReplyTo>,
+        then: Outcome,
+    ) -> Outcome {
+        let event = self.event(kind, data);
+        match self.sink.announce(&event, reply).await {
+            Ok(()) => then,
+            Err(e) => {
+                tracing::warn!(job = %event.subject, error = %e, "publishing {}; leaving for redelivery", kind.routing_key());
+                Outcome::Abandoned
+            }
+        }
+    }
+
+    /// Carries out `action` for `job`.
+    pub async fn act(&self, job: &Job, meta: &JobMeta, action: Action) -> Outcome {
+        match action {
+            Action::Complete {
+                images,
+                truncated,
+                timing,
+            } => self.complete(job, meta, images, truncated, timing).await,
+            Action::Reannounce(stored) => {
+                self.metrics.outcome("reannounced");
+                let reply = meta.reply_to.as_ref();
+                self.announce(EventKind::Succeeded, *stored, reply, Outcome::Completed)
+                    .await
+            }
+            Action::End(kind) => self.end_early(job, meta, kind).await,
+            Action::Fail(code, message) => self.fail(job, meta, code, message).await,
+            Action::RetryOrFail(error) => self.retry_or_fail(job, meta, error).await,
+        }
+    }
+
+    /// Invalid input: a failure event keyed by the job id (or the message id, or a body hash); the
+    /// message is dead-lettered without retry.
+    pub async fn reject_body(
+        &self,
+        body: &[u8],
+        message_id: Option<&str>,
+        reply: Option<&ReplyTo>,
+        job_id: Option<JobId>,
+        rejection: Rejection,
+    ) -> Outcome {
+        let key = job_id
+            .map(|j| j.to_string())
+            .or_else(|| {
+                message_id
+                    .filter(|m| JobId::parse(m).is_ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| {
+                format!(
+                    "body-sha256-{}",
+                    &hex::encode(sha2::Sha256::digest(body))[..32]
+                )
+            });
+        let data = EventData {
+            job_id: key.clone(),
+            status: EventKind::Failed.status().into(),
+            attempt: 1,
+            worker: self.worker_id.clone(),
+            model: self.model.clone(),
+            params: None,
+            images: vec![],
+            timings_ms: None,
+            error: Some(ErrorInfo {
+                code: ErrorCode::InvalidInput,
+                message: rejection.to_string(),
+                field: Some(rejection.field.clone()),
+                retryable: false,
+            }),
+            progress: None,
+            prompt_truncated: false,
+            batch: None,
+            metadata: None,
+        };
+        tracing::info!(job = %key, field = %rejection.field, reason = %rejection.reason, "rejected");
+        self.metrics.outcome("rejected");
+        self.announce(EventKind::Failed, data, reply, Outcome::Rejected)
+            .await
+    }
+
+    /// Deadline passed or canceled, before or during rendering.
+    async fn end_early(&self, job: &Job, meta: &JobMeta, kind: EventKind) -> Outcome {
+        let (code, message) = match kind {
+            EventKind::Expired => (
+                ErrorCode::Expired,
+                "the job's deadline passed before it finished",
+            ),
+            _ => (ErrorCode::Canceled, "the job was canceled"),
+        };
+        let mut data = self.data(job, meta.attempt, kind);
+        data.error = Some(ErrorInfo {
+            code,
+            message: message.into(),
+            field: None,
+            retryable: false,
+        });
+        self.metrics.outcome(kind.status());
+        self.announce(kind, data, meta.reply_to.as_ref(), Outcome::Completed)
+            .await
+    }
+
+    /// The job failed for good here (OOM, device error, timeout): `job.failed`, dead-letter.
+    async fn fail(&self, job: &Job, meta: &JobMeta, code: ErrorCode, message: String) -> Outcome {
+        let mut data = self.data(job, meta.attempt, EventKind::Failed);
+        data.error = Some(ErrorInfo {
+            code,
+            message,
+            field: None,
+            retryable: matches!(
+                code,
+                ErrorCode::Oom | ErrorCode::Timeout | ErrorCode::UploadFailed
+            ),
+        });
+        self.metrics.outcome("failed");
+        let reply = meta.reply_to.as_ref();
+        self.announce(EventKind::Failed, data, reply, Outcome::Rejected)
+            .await
+    }
+
+    /// Transient trouble: a delayed retry, or `job.failed` at the last attempt.
+    async fn retry_or_fail(&self, job: &Job, meta: &JobMeta, error: String) -> Outcome {
+        if meta.attempt < self.max_attempts {
+            tracing::warn!(job = %job.job_id, attempt = meta.attempt, %error, "transient failure; retrying later");
+            self.metrics.outcome("retried");
+            return Outcome::Retry;
+        }
+        let message = format!("giving up after attempt {}: {error}", self.max_attempts);
+        self.fail(job, meta, ErrorCode::UploadFailed, message).await
+    }
+
+    /// Encodes, stores and announces one rendered job.
+    async fn complete(
+        &self,
+        job: &Job,
+        meta: &JobMeta,
+        images: Vec<RgbImage>,
+        truncated: bool,
+        timing: BatchTiming,
+    ) -> Outcome {
+        let encode_start = Instant::now();
+        let (owned, model, dtype) = (job.clone(), self.model.clone(), self.dtype);
+        let encoded =
+            tokio::task::spawn_blocking(move || encode_all(&owned, &images, &model, dtype)).await;
+        let encoded = match encoded {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                let message = format!("encoding: {e}");
+                return self.fail(job, meta, ErrorCode::Internal, message).await;
+            }
+            Err(e) => {
+                let message = format!("encoding task: {e}");
+                return self.fail(job, meta, ErrorCode::Internal, message).await;
+            }
+        };
+        let encode_time = encode_start.elapsed();
+        self.metrics
+            .phase
+            .with_label_values(&["encode"])
+            .observe(encode_time.as_secs_f64());
+
+        let upload_start = Instant::now();
+        let records = match self.upload(job, encoded).await {
+            Ok(r) => r,
+            Err(e) if e.is_retryable() => {
+                return self.retry_or_fail(job, meta, e.to_string()).await;
+            }
+            Err(e) => {
+                let message = e.to_string();
+                return self.fail(job, meta, ErrorCode::UploadFailed, message).await;
+            }
+        };
+        let upload_time = upload_start.elapsed();
+        let queued = timing.queued.as_millis() as u64;
+        let mut data = self.data(job, meta.attempt, EventKind::Succeeded);
+        data.images = records;
+        data.prompt_truncated = truncated;
+        data.timings_ms = Some(TimingsMs {
+            queued,
+            inference: timing.inference.as_millis() as u64,
+            encode: encode_time.as_millis() as u64,
+            upload: upload_time.as_millis() as u64,
+            total: queued + timing.started.elapsed().as_millis() as u64,
+        });
+        // result.json last: its presence means every image is stored.
+        let result_key = ObjectKey::result(&job.output.key_prefix, &job.job_id);
+        let body = serde_json::to_vec_pretty(&data).unwrap_or_default();
+        let ttl = job.output.presign_ttl;
+        if let Err(e) = self
+            .store
+            .put(&result_key, body, "application/json", &[], ttl)
+            .await
+        {
+            return self.retry_or_fail(job, meta, e.to_string()).await;
+        }
+        self.metrics
+            .phase
+            .with_label_values(&["upload"])
+            .observe(upload_time.as_secs_f64());
+        let reply = meta.reply_to.as_ref();
+        let outcome = self
+            .announce(EventKind::Succeeded, data, reply, Outcome::Completed)
+            .await;
+        if outcome == Outcome::Completed {
+            self.metrics.outcome("succeeded");
+            self.metrics.images.inc_by(job.generation.num_images as u64);
+        }
+        outcome
+    }
+
+    async fn upload(
+        &self,
+        job: &Job,
+        encoded: Vec<EncodedImage>,
+    ) -> Result<Vec<ImageRecord>, StorageError> {
+        let mut records = Vec::with_capacity(encoded.len());
+        let format = job.output.format;
+        for e in encoded {
+            let key = ObjectKey::image(
+                &job.output.key_prefix,
+                &job.job_id,
+                e.index,
+                format.extension(),
+            );
+            let meta = vec![
+                ("job-id".to_string(), job.job_id.to_string()),
+                ("seed".to_string(), e.seed.to_string()),
+                ("index".to_string(), e.index.to_string()),
+            ];
+            let bytes = e.bytes.len() as u64;
+            let stored = self
+                .store
+                .put(
+                    &key,
+                    e.bytes,
+                    format.content_type(),
+                    &meta,
+                    job.output.presign_ttl,
+                )
+                .await?;
+            records.push(ImageRecord {
+                index: e.index,
+                seed: e.seed,
+                bucket: stored.bucket,
+                key: stored.key,
+                url: stored.url,
+                url_expires_at: stored.url_expires_at.map(crate::events::rfc3339),
+                content_type: format.content_type().into(),
+                width: job.generation.width,
+                height: job.generation.height,
+                bytes,
+                sha256: e.sha256,
+            });
+        }
+        Ok(records)
+    }
+}
+
+struct EncodedImage {
+    index: u32,
+    seed: u64,
+    bytes: Vec<u8>,
+    sha256: String,
+}
+
+fn encode_all(
+    job: &Job,
+    images: &[RgbImage],
+    model: &str,
+    dtype: &str,
+) -> Result<Vec<EncodedImage>, crate::image::EncodeError> {
+    let g = &job.generation;
+    let model_name = crate::image::model_display_name(model);
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| {
+            let seed = g.image_seed(i as u32);
+            let parameters = parameters_text(&ParametersText::of(g, seed, model_name));
+            let mut job_json = serde_json::to_value(job).unwrap_or_default();
+            if let Some(o) = job_json.as_object_mut() {
+                o.insert("seed".into(), seed.into());
+                o.insert("index".into(), i.into());
+                o.insert("model".into(), model.into());
+                o.insert("dtype".into(), dtype.into());
+            }
+            let meta = ImageMetadata {
+                parameters,
+                job_json: job_json.to_string(),
+            };
+            let bytes = encode(img, job.output.format, job.output.quality, &meta)?;
+            let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+            Ok(EncodedImage {
+                index: i as u32,
+                seed,
+                bytes,
+                sha256,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "complete_tests.rs"]
+mod tests;

@@ -1,0 +1,283 @@
+//! Every outcome of the completion handler and of intake, against in-memory fakes: what is stored,
+//! what is announced (and to whom), and how the delivery is to be settled.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use time::OffsetDateTime;
+
+use super::*;
+use crate::job::{Limits, ModelDefaults, parse_job_body};
+use crate::worker::fakes::{MemoryStore, RecordingSink};
+use crate::worker::intake::{Contract, Intake, intake};
+
+const MODEL: &str = "segmind/SSD-1B";
+
+fn completion(max_attempts: u32) -> Completion<MemoryStore, RecordingSink> {
+    Completion {
+        store: Arc::new(MemoryStore::default()),
+        sink: RecordingSink::default(),
+        worker_id: "w1".into(),
+        model: MODEL.into(),
+        dtype: "f32",
+        max_attempts,
+        metrics: Metrics::new(&prometheus::Registry::new()),
+    }
+}
+
+fn job(body: &str) -> Job {
+    parse_job_body(
+        body.as_bytes(),
+        &Limits::default(),
+        &ModelDefaults::default(),
+        MODEL,
+    )
+    .expect("a valid job")
+}
+
+fn fox() -> Job {
+    job(
+        r#"{"job_id": "fox-1", "prompt": "a red fox", "width": 64, "height": 64, "steps": 1,
+            "seed": 7, "num_images": 2, "output": {"key_prefix": "sets/foxes/"}}"#,
+    )
+}
+
+fn meta(attempt: u32) -> JobMeta {
+    JobMeta {
+        lane: Lane::Interactive,
+        attempt,
+        arrived: Instant::now(),
+        published: None,
+        reply_to: Some(ReplyTo {
+            queue: "amq.gen-reply".into(),
+            correlation_id: Some("corr-1".into()),
+        }),
+    }
+}
+
+fn rendered(n: usize) -> Action {
+    Action::Complete {
+        images: (0..n).map(|_| RgbImage::new(8, 8)).collect(),
+        truncated: false,
+        timing: BatchTiming {
+            started: Instant::now(),
+            queued: Duration::from_millis(5),
+            inference: Duration::from_millis(20),
+        },
+    }
+}
+
+fn error_code(c: &Completion<MemoryStore, RecordingSink>) -> ErrorCode {
+    c.sink.last().data.error.expect("an error").code
+}
+
+#[tokio::test]
+async fn a_rendered_job_stores_its_images_then_result_json_and_announces_success() {
+    let c = completion(5);
+    let outcome = c.act(&fox(), &meta(1), rendered(2)).await;
+    assert_eq!(outcome, Outcome::Completed);
+    let objects = c.store.objects.lock().unwrap().clone();
+    let keys: Vec<&str> = objects.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "sets/foxes/fox-1/0.png",
+            "sets/foxes/fox-1/1.png",
+            "sets/foxes/fox-1/result.json"
+        ]
+    );
+    let event = c.sink.last();
+    assert_eq!(event.kind, "t2i.job.succeeded");
+    let seeds: Vec<u64> = event.data.images.iter().map(|i| i.seed).collect();
+    assert_eq!(seeds, [7, 8], "image i uses seed + i");
+    let stored: EventData =
+        serde_json::from_slice(&objects["sets/foxes/fox-1/result.json"]).unwrap();
+    assert_eq!(
+        stored, event.data,
+        "result.json is the succeeded event's data"
+    );
+    let png = &objects["sets/foxes/fox-1/0.png"];
+    assert_eq!(&png[1..4], b"PNG");
+    let (_, reply) = c.sink.events.lock().unwrap()[0].clone();
+    assert_eq!(reply.unwrap().correlation_id.as_deref(), Some("corr-1"));
+}
+
+#[tokio::test]
+async fn storage_trouble_before_the_last_attempt_asks_for_a_retry_and_announces_nothing() {
+    let c = completion(5);
+    c.store.fail_puts.store(true, Ordering::Relaxed);
+    let outcome = c.act(&fox(), &meta(1), rendered(2)).await;
+    assert_eq!(outcome, Outcome::Retry);
+    assert!(c.sink.kinds().is_empty());
+}
+
+#[tokio::test]
+async fn storage_trouble_at_the_last_attempt_fails_the_job_for_good() {
+    let c = completion(3);
+    c.store.fail_puts.store(true, Ordering::Relaxed);
+    let outcome = c.act(&fox(), &meta(3), rendered(2)).await;
+    assert_eq!(outcome, Outcome::Rejected);
+    assert_eq!(c.sink.kinds(), ["t2i.job.failed"]);
+    let error = c.sink.last().data.error.unwrap();
+    assert_eq!(error.code, ErrorCode::UploadFailed);
+    assert!(
+        error.retryable && error.message.contains("attempt 3"),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_event_that_cannot_be_announced_leaves_the_delivery_unsettled() {
+    let c = completion(5);
+    c.sink.fail.store(true, Ordering::Relaxed);
+    let outcome = c.act(&fox(), &meta(1), rendered(2)).await;
+    assert_eq!(outcome, Outcome::Abandoned);
+    // The images stay: the redelivery overwrites them and re-announces.
+    assert!(
+        c.store
+            .objects
+            .lock()
+            .unwrap()
+            .contains_key("sets/foxes/fox-1/result.json")
+    );
+    for action in [
+        Action::End(EventKind::Canceled),
+        Action::Fail(ErrorCode::Oom, "out of memory".into()),
+    ] {
+        assert_eq!(c.act(&fox(), &meta(1), action).await, Outcome::Abandoned);
+    }
+}
+
+#[tokio::test]
+async fn expired_and_canceled_jobs_are_announced_and_acked() {
+    for (kind, code, ty) in [
+        (EventKind::Expired, ErrorCode::Expired, "t2i.job.expired"),
+        (EventKind::Canceled, ErrorCode::Canceled, "t2i.job.canceled"),
+    ] {
+        let c = completion(5);
+        assert_eq!(
+            c.act(&fox(), &meta(1), Action::End(kind)).await,
+            Outcome::Completed
+        );
+        assert_eq!(c.sink.kinds(), [ty]);
+        assert_eq!(error_code(&c), code);
+        assert!(c.store.objects.lock().unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn device_failures_are_announced_and_dead_lettered() {
+    for (code, retryable) in [(ErrorCode::Oom, true), (ErrorCode::Internal, false)] {
+        let c = completion(5);
+        let outcome = c
+            .act(&fox(), &meta(2), Action::Fail(code, "boom".into()))
+            .await;
+        assert_eq!(outcome, Outcome::Rejected);
+        let event = c.sink.last();
+        assert_eq!(event.kind, "t2i.job.failed");
+        assert_eq!(event.data.attempt, 2);
+        let error = event.data.error.unwrap();
+        assert_eq!((error.code, error.retryable), (code, retryable));
+    }
+}
+
+#[tokio::test]
+async fn a_stored_result_is_reannounced_as_it_was() {
+    let c = completion(5);
+    let first = completion(5);
+    first.act(&fox(), &meta(1), rendered(2)).await;
+    let stored = first.sink.last().data;
+    let outcome = c
+        .act(
+            &fox(),
+            &meta(2),
+            Action::Reannounce(Box::new(stored.clone())),
+        )
+        .await;
+    assert_eq!(outcome, Outcome::Completed);
+    let again = c.sink.last();
+    assert_eq!(
+        again.id,
+        first.sink.last().id,
+        "the same event id: receivers deduplicate"
+    );
+    assert_eq!(again.data, stored);
+}
+
+#[tokio::test]
+async fn an_invalid_body_is_rejected_under_its_message_id_or_a_body_hash() {
+    let c = completion(5);
+    let r = crate::job::Rejection::new("width", 65, "must be a multiple of 8");
+    let outcome = c
+        .reject_body(b"{}", Some("msg-9"), None, None, r.clone())
+        .await;
+    assert_eq!(outcome, Outcome::Rejected);
+    let event = c.sink.last();
+    assert_eq!(event.subject, "msg-9");
+    let error = event.data.error.unwrap();
+    assert_eq!(
+        (error.code, error.field.as_deref()),
+        (ErrorCode::InvalidInput, Some("width"))
+    );
+    c.reject_body(b"not json", Some("bad id!"), None, None, r)
+        .await;
+    assert!(c.sink.last().subject.starts_with("body-sha256-"));
+}
+
+async fn decide(store: &MemoryStore, body: &str, canceled: bool) -> Intake {
+    let contract = Contract {
+        limits: &Limits::default(),
+        defaults: &ModelDefaults::default(),
+        model: MODEL,
+    };
+    let now = OffsetDateTime::now_utc();
+    intake(body.as_bytes(), &contract, store, |_| canceled, now).await
+}
+
+const FOX: &str = r#"{"job_id": "fox-1", "prompt": "a red fox", "width": 64, "height": 64}"#;
+
+#[tokio::test]
+async fn intake_decides_each_delivery_once() {
+    let store = MemoryStore::default();
+    assert!(matches!(
+        decide(&store, FOX, false).await,
+        Intake::Render(_)
+    ));
+    assert!(matches!(
+        decide(&store, FOX, true).await,
+        Intake::Settled(_, Action::End(EventKind::Canceled))
+    ));
+    let late = r#"{"job_id": "fox-2", "prompt": "x", "deadline": "2020-01-01T00:00:00Z"}"#;
+    assert!(matches!(
+        decide(&store, late, false).await,
+        Intake::Settled(_, Action::End(EventKind::Expired))
+    ));
+    match decide(
+        &store,
+        r#"{"job_id": "fox-3", "prompt": "x", "width": 65}"#,
+        false,
+    )
+    .await
+    {
+        Intake::Invalid(bad) => assert_eq!(bad.rejection.field, "width"),
+        _ => panic!("a width of 65 is invalid"),
+    }
+}
+
+#[tokio::test]
+async fn intake_reannounces_a_stored_result_and_retries_when_the_store_is_down() {
+    let c = completion(5);
+    c.act(&job(FOX), &meta(1), rendered(1)).await;
+    let store = Arc::try_unwrap(c.store).ok().expect("one owner");
+    assert!(matches!(
+        decide(&store, FOX, false).await,
+        Intake::Settled(_, Action::Reannounce(_))
+    ));
+    store.fail_gets.store(true, Ordering::Relaxed);
+    assert!(matches!(
+        decide(&store, FOX, false).await,
+        Intake::Settled(_, Action::RetryOrFail(_))
+    ));
+}

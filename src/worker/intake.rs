@@ -1,0 +1,100 @@
+//! The start of a job's path: what can be decided about a delivery before it waits for the device.
+//!
+//! [`intake`] parses the body with the contract's own `parse_job_body`, then looks for an earlier
+//! result, the deadline and the cancellations, and returns one [`Intake`] value: invalid, settled
+//! now (with the [`Action`] for the completion handler), or waiting for a batch. It publishes
+//! nothing and settles nothing; the session acts on the value. [`Cancellations`] is the worker's
+//! memory of the control messages, also consulted while a batch renders.
+
+use std::collections::HashSet;
+
+use time::OffsetDateTime;
+
+use super::complete::Action;
+use crate::control::ControlMessage;
+use crate::events::{EventData, EventKind};
+use crate::job::{BadBody, Job, Limits, ModelDefaults, parse_job_body};
+use crate::storage::{ImageStore, ObjectKey};
+
+/// Jobs and batches canceled through the control exchange (kept for the life of the process).
+#[derive(Default)]
+pub struct Cancellations {
+    jobs: HashSet<String>,
+    batches: HashSet<String>,
+}
+
+impl Cancellations {
+    pub fn covers(&self, job: &Job) -> bool {
+        self.jobs.contains(job.job_id.as_str())
+            || job
+                .batch
+                .as_ref()
+                .is_some_and(|b| self.batches.contains(&b.id))
+    }
+
+    /// Remembers a control message's cancellations; a malformed one is logged and ignored.
+    pub fn apply(&mut self, body: &[u8]) {
+        match ControlMessage::parse(body) {
+            Ok(c) => {
+                self.jobs.extend(c.cancel_jobs);
+                self.batches.extend(c.cancel_batches);
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring malformed control message"),
+        }
+    }
+}
+
+/// What a delivery's intake decided.
+pub enum Intake {
+    /// Not a valid job: rejected with the field, value and bound.
+    Invalid(BadBody),
+    /// Nothing to render: the action settles it now.
+    Settled(Box<Job>, Action),
+    /// Waits for a device batch.
+    Render(Box<Job>),
+}
+
+/// What the contract needs to parse a job as this worker would render it.
+pub struct Contract<'a> {
+    pub limits: &'a Limits,
+    pub defaults: &'a ModelDefaults,
+    /// The model this worker serves: a job naming another one is invalid here.
+    pub model: &'a str,
+}
+
+/// Decides what becomes of a delivery before it waits for the device, in this order: invalid →
+/// rejected; already done (`result.json` stored) → re-announced; the store unreachable → retried
+/// later; deadline passed → expired; canceled → canceled; otherwise it waits for a batch.
+pub async fn intake<S: ImageStore>(
+    body: &[u8],
+    contract: &Contract<'_>,
+    store: &S,
+    cancelled: impl FnOnce(&Job) -> bool,
+    now: OffsetDateTime,
+) -> Intake {
+    let job = match parse_job_body(body, contract.limits, contract.defaults, contract.model) {
+        Ok(j) => Box::new(j),
+        Err(bad) => return Intake::Invalid(bad),
+    };
+    let result_key = ObjectKey::result(&job.output.key_prefix, &job.job_id);
+    match store.get(&result_key).await {
+        Ok(Some(bytes)) => {
+            // An unreadable result.json is rendered over rather than trusted.
+            if let Ok(stored) = serde_json::from_slice::<EventData>(&bytes) {
+                return Intake::Settled(job, Action::Reannounce(Box::new(stored)));
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let why = format!("checking for an earlier result: {e}");
+            return Intake::Settled(job, Action::RetryOrFail(why));
+        }
+    }
+    if job.is_expired(now) {
+        return Intake::Settled(job, Action::End(EventKind::Expired));
+    }
+    if cancelled(&job) {
+        return Intake::Settled(job, Action::End(EventKind::Canceled));
+    }
+    Intake::Render(job)
+}
