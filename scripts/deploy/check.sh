@@ -2,9 +2,10 @@
 # Offline checks of the deployment files: hadolint on the Dockerfiles, the Kubernetes manifests
 # rendered with kustomize and validated against the Kubernetes schemas, KEDA resources against
 # KEDA's CRD schemas, docker/compose.yaml against the Compose Specification schema.
-# Needs kubectl (kustomize built in) and the Python packages of scripts/requirements-test.txt;
-# PYTHON picks the interpreter (default: python3). The KEDA and Compose schemas are read from
-# $T2I_SHARED_SCHEMAS (default: ../shared/schemas beside the repository, else /work/shared/schemas).
+# Needs kubectl (kustomize built in) and the Python packages of scripts/requirements-test.txt
+# (scripts/test.sh installs both); PYTHON picks the interpreter (default: python3). The KEDA and
+# Compose schemas are vendored in scripts/deploy/schemas; nothing outside the repository is read,
+# and any missing input is an error, never a skipped check.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}

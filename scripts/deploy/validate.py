@@ -3,10 +3,11 @@
 Usage: validate.py RENDERED.yaml...  (run by scripts/deploy/check.sh from the repository root)
 
 * Kubernetes kinds: kubernetes-validate, strict (unknown fields are errors), against the schemas of
-  KUBERNETES_VERSION (default 1.32.0).
-* keda.sh kinds: the openAPIV3Schema of KEDA's own CRDs (../shared/schemas/keda), strict too.
-* docker/compose.yaml: the Compose Specification JSON Schema (../shared/schemas/compose).
-A missing schema directory is reported loudly and fails the run unless T2I_ALLOW_MISSING_SCHEMAS=1.
+  KUBERNETES_VERSION (default 1.32.0) that the package ships.
+* keda.sh kinds: the openAPIV3Schema of KEDA's own CRDs (schemas/keda beside this file), strict too.
+* docker/compose.yaml: the Compose Specification JSON Schema (schemas/compose beside this file).
+The schemas are vendored in the repository (schemas/README.md says where they come from). Nothing is
+ever skipped: a missing schema, an unknown kind or an unreadable file is a failure.
 """
 
 import json
@@ -21,12 +22,8 @@ import yaml
 K8S_VERSION = os.environ.get("KUBERNETES_VERSION", "1.32.0")
 
 
-def schema_dir() -> Path | None:
-    candidates = [os.environ.get("T2I_SHARED_SCHEMAS"), "../shared/schemas", "/work/shared/schemas"]
-    for c in candidates:
-        if c and Path(c, "keda").is_dir() and Path(c, "compose").is_dir():
-            return Path(c)
-    return None
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+COMPOSE_FILE = Path("docker/compose.yaml")
 
 
 def strict(schema):
@@ -44,9 +41,12 @@ def strict(schema):
 
 
 def keda_schemas(root: Path) -> dict:
-    """kind → JSON Schema of its served version, from the CRD files."""
+    """(apiVersion, kind) → JSON Schema of each served version, from the CRD files."""
     out = {}
-    for f in sorted((root / "keda").glob("*.yaml")):
+    files = sorted(root.glob("*.yaml"))
+    if not files:
+        raise FileNotFoundError(f"no KEDA CRD files in {root}")
+    for f in files:
         crd = yaml.safe_load(f.read_text())
         kind = crd["spec"]["names"]["kind"]
         for v in crd["spec"]["versions"]:
@@ -58,35 +58,52 @@ def keda_schemas(root: Path) -> dict:
     return out
 
 
+def report(label: str, problems: list, what: str) -> int:
+    for e in problems:
+        print(f"FAIL {label}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
+    if not problems:
+        print(f"ok   {label} ({what})")
+    return len(problems)
+
+
 def main(paths: list[str]) -> int:
+    if not paths:
+        print("usage: validate.py RENDERED.yaml...", file=sys.stderr)
+        return 2
+    # Every input must be there before anything is checked: a missing file is an error, not a skip.
+    missing = [p for p in [*paths, COMPOSE_FILE, SCHEMAS / "compose" / "compose-spec.json"]
+               if not Path(p).is_file()]
+    if missing:
+        for p in missing:
+            print(f"FAIL missing file: {p}")
+        return 1
+    try:
+        keda = keda_schemas(SCHEMAS / "keda")
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
+        print(f"FAIL KEDA CRD schemas ({SCHEMAS / 'keda'}): {e!r}")
+        return 1
+    compose_schema = json.loads((SCHEMAS / "compose" / "compose-spec.json").read_text())
+
     errors = 0
-    root = schema_dir()
-    if root is None:
-        print("!! KEDA and Compose schemas NOT FOUND (set T2I_SHARED_SCHEMAS): those checks are skipped",
-              file=sys.stderr)
-        if os.environ.get("T2I_ALLOW_MISSING_SCHEMAS") != "1":
-            return 1
-    keda = keda_schemas(root) if root else {}
+    checked = 0
     for p in paths:
         docs = [d for d in yaml.safe_load_all(Path(p).read_text()) if d]
         print(f"== {Path(p).name}: {len(docs)} resources")
+        if not docs:
+            print(f"FAIL {p}: no resources rendered")
+            errors += 1
         for d in docs:
-            api, kind, name = d.get("apiVersion", ""), d.get("kind", ""), d["metadata"]["name"]
-            label = f"{kind}/{name}"
+            api, kind = d.get("apiVersion", ""), d.get("kind", "")
+            label = f"{kind}/{d.get('metadata', {}).get('name', '?')}"
+            checked += 1
             if api.startswith("keda.sh/"):
-                if not root:
-                    continue
                 schema = keda.get((api, kind))
                 if schema is None:
                     print(f"FAIL {label}: no KEDA CRD schema for {api} {kind}")
                     errors += 1
                     continue
-                problems = list(jsonschema.Draft7Validator(schema).iter_errors(d))
-                for e in problems:
-                    print(f"FAIL {label}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
-                errors += len(problems)
-                if not problems:
-                    print(f"ok   {label} (KEDA CRD schema)")
+                errors += report(label, list(jsonschema.Draft7Validator(schema).iter_errors(d)),
+                                 "KEDA CRD schema")
                 continue
             try:
                 kubernetes_validate.validate(d, K8S_VERSION, strict=True)
@@ -94,16 +111,18 @@ def main(paths: list[str]) -> int:
             except kubernetes_validate.ValidationError as e:
                 print(f"FAIL {label}: {'/'.join(map(str, e.path))}: {e.message}")
                 errors += 1
-    if root:
-        compose = yaml.safe_load(Path("docker/compose.yaml").read_text())
-        schema = json.loads((root / "compose" / "compose-spec.json").read_text())
-        problems = list(jsonschema.Draft7Validator(schema).iter_errors(compose))
-        for e in problems:
-            print(f"FAIL docker/compose.yaml: {'/'.join(map(str, e.absolute_path))}: {e.message}")
-        errors += len(problems)
-        if not problems:
-            print("ok   docker/compose.yaml (Compose Specification schema)")
-    print(f"{errors} problem(s)")
+            except kubernetes_validate.SchemaNotFoundError:
+                print(f"FAIL {label}: no Kubernetes {K8S_VERSION} schema for {api} {kind}")
+                errors += 1
+            except Exception as e:  # an invalid schema, an unsupported version: never a silent pass
+                print(f"FAIL {label}: {api} {kind}: {e!r}")
+                errors += 1
+
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    checked += 1
+    problems = list(jsonschema.Draft7Validator(compose_schema).iter_errors(compose))
+    errors += report(str(COMPOSE_FILE), problems, "Compose Specification schema")
+    print(f"{checked} checked, {errors} problem(s)")
     return 1 if errors else 0
 
 

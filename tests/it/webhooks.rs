@@ -1,6 +1,6 @@
 //! `t2i webhooks` and `t2i gateway` through the real binaries, with a real worker, RabbitMQ and
 //! Garage. The webhook receiver is Python with the official `standardwebhooks` package (from
-//! scripts/requirements-test.txt; `PYTHON` names the interpreter, as in .ci/run).
+//! scripts/requirements-test.txt; `PYTHON` names the interpreter, as scripts/test.sh sets it).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
