@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A single-node Garage S3 server for tests and local use (DESIGN.md §5), idempotent:
+# A single-node Garage S3 server for tests and local use (docs/architecture.md §5), idempotent:
 #   scripts/garage.sh start    # start (configuring layout, key and bucket on first run), then print env
 #   scripts/garage.sh stop     # stop the server (data is kept)
 #   scripts/garage.sh env      # print the AWS_* variables clients need

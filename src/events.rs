@@ -1,5 +1,5 @@
 //! Job events as CloudEvents 1.0 (structured JSON): `job.started`, `job.progress`, `job.succeeded`,
-//! `job.failed`, `job.expired`, `job.canceled` (DESIGN.md §2).
+//! `job.failed`, `job.expired`, `job.canceled` (docs/architecture.md §2 "Events").
 //!
 //! Event ids are deterministic (UUIDv5 of job id and event type, plus the step for progress), so a
 //! redelivered job re-emits the same ids and consumers can deduplicate. Pure: building and

@@ -1,7 +1,7 @@
 //! Generation parameters: as requested (`GenerationRequest`, unchecked) and as validated
 //! (`Generation`, only made by [`Generation::parse`]).
 //!
-//! This is the one place the job contract's bounds are enforced (DESIGN.md §2): sizes are multiples of
+//! This is the one place the job contract's bounds are enforced (docs/architecture.md §2 "Job message"): sizes are multiples of
 //! 8 within the configured side and pixel bounds, steps 1..=150, guidance finite in 0..=30, 1..=8
 //! images, known scheduler names, prompts at most 4000 characters. A violation is a [`Rejection`] that
 //! names the field, the value and the bound. `t2i generate` builds a request from its flags; the queue
@@ -37,7 +37,7 @@ pub struct GenerationRequest {
     pub num_images: Option<u32>,
 }
 
-/// Operator-configured bounds (`t2i` flags); defaults from DESIGN.md §2.
+/// Operator-configured bounds (`t2i` flags); defaults from docs/architecture.md §2 "Job message".
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     pub min_side: u32,

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # --------------------------------------------------------------------------------------------------
-# Tiny CLIP-style vocabulary (MODEL_NOTES.md "A tiny test vocab that keeps CLIP's conventions").
+# Tiny CLIP-style vocabulary (docs/model-notes.md §2 "Tiny test vocabulary").
 
 
 def bytes_to_unicode():
@@ -141,7 +141,7 @@ def write_tokenizer(folder, vocab, merges, pad_token, object_form):
 
 
 # --------------------------------------------------------------------------------------------------
-# Tiny architectures. Real values in comments (MODEL_NOTES.md table).
+# Tiny architectures. Real values in comments (docs/model-notes.md §1 table).
 
 TE1 = dict(  # CLIP ViT-L/14 text model: hidden 768, 12 layers, 12 heads, MLP 3072, quick_gelu
     hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, hidden_act="quick_gelu",
@@ -204,7 +204,7 @@ SCHEDULER = {
 
 
 def make_scheduler(name, base):
-    """Scheduler names as DESIGN.md maps them, each `from_config` of the model's shipped config."""
+    """Scheduler names as docs/model-notes.md §4 maps them, each `from_config` of the model's shipped config."""
     if name == "euler":
         return EulerDiscreteScheduler.from_config(base)
     if name == "euler_ancestral":
@@ -298,7 +298,7 @@ def tokenize(tok, prompts):
 
 
 def independent_tokenizer_check(folder, prompts, ids1, ids2):
-    """Cross-check transformers' ids with a tokenizer built from MODEL_NOTES.md's recipe."""
+    """Cross-check transformers' ids with a tokenizer built from docs/model-notes.md §2's recipe."""
     from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 

@@ -8,7 +8,7 @@ memory measurements where the real weights cannot be downloaded:
     t2i generate --model /tmp/ssd-1b-random --prompt "a cat" --width 512 --height 512 --steps 4
 
 The architectures are the published configs of segmind/SSD-1B, stabilityai/stable-diffusion-xl-base-1.0
-and segmind/Segmind-Vega (values in ../../../shared/MODEL_NOTES.md); the UNet parameter count is checked
+and segmind/Segmind-Vega (values in docs/model-notes.md §1); the UNet parameter count is checked
 against the published one. The tokenizers use a synthetic 49,408-entry CLIP-style vocabulary (byte
 tokens, learned merges, fillers, then <|startoftext|>=49406 and <|endoftext|>=49407), because the real
 vocab cannot be downloaded here; prompts still tokenize with CLIP's rules and EOS pooling is exact.

@@ -1,4 +1,4 @@
-//! The job message of the contract (DESIGN.md §2): `JobRequest` as it arrives on the queue, `Job` once
+//! The job message of the contract (docs/architecture.md §2 "Job message"): `JobRequest` as it arrives on the queue, `Job` once
 //! [`Job::parse`] has checked it. [`parse_job_body`] is the one entry point for raw message bodies: size
 //! limit, JSON, unknown fields and every bound, each failure a [`Rejection`] naming the field.
 //!

@@ -227,7 +227,7 @@ impl Pipeline {
         }
 
         let dtype = opts.dtype;
-        // The SDXL VAE overflows to NaN in f16 (MODEL_NOTES.md); diffusers upcasts when force_upcast is
+        // The SDXL VAE overflows to NaN in f16 (docs/model-notes.md §3); diffusers upcasts when force_upcast is
         // set. We never run it in plain f16 at all.
         let vae_dtype = if dtype == DType::F16 {
             DType::F32

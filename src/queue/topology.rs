@@ -1,4 +1,4 @@
-//! Every exchange and queue name, and their idempotent declaration (DESIGN.md §2 "Topology"). All
+//! Every exchange and queue name, and their idempotent declaration (docs/architecture.md §2 "Topology"). All
 //! names derive from one prefix (`t2i` by default) so that several deployments, or tests, share a
 //! broker without interfering.
 //!

@@ -18,7 +18,7 @@ pub use s3::S3Store;
 
 use crate::job::JobId;
 
-/// Deterministic object keys for a job (DESIGN.md §2 "Stored images").
+/// Deterministic object keys for a job (docs/architecture.md §2 "Stored images").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectKey;
 

@@ -454,7 +454,7 @@ fn a_stop_request_ends_the_run_between_steps() {
 #[test]
 fn the_vae_decodes_a_batch_exactly_as_it_decodes_each_image() {
     // Batched decoding is only allowed because it is bit-for-bit batch-independent: an image must
-    // not depend on what it was decoded with (DESIGN.md §3), not even in the last bit.
+    // not depend on what it was decoded with (docs/architecture.md §3), not even in the last bit.
     for name in MODELS {
         let p = load_pipeline(name, DType::F32, Variant::Auto);
         let (b, c, h, w) = (3, 4, 8, 6);

@@ -760,7 +760,7 @@ async fn a_local_folder_works_as_the_store() {
 }
 
 /// Plumbing throughput: many tiny jobs (32×32, 1 step, no guidance) through RabbitMQ → worker →
-/// Garage → events. Asserts that every job succeeds exactly once; prints jobs/s (DESIGN.md §6 target:
+/// Garage → events. Asserts that every job succeeds exactly once; prints jobs/s (docs/performance.md §1 target:
 /// ≥ 200 jobs/s on a 2-core machine). For the figure in the README:
 /// `cargo build --release && T2I_TEST_BIN=$CARGO_TARGET_DIR/release/t2i cargo test --test it plumbing -- --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
