@@ -1,9 +1,9 @@
 //! Generation parameters: as requested (`GenerationRequest`, unchecked) and as validated
 //! (`Generation`, only made by [`Generation::parse`]).
 //!
-//! This is the one place the job contract's bounds are enforced (docs/architecture.md §2 "Job message"): sizes are multiples of
-//! 8 within the configured side and pixel bounds, steps 1..=150, guidance finite in 0..=30, 1..=8
-//! images, known scheduler names, prompts at most 4000 characters. A violation is a [`Rejection`] that
+//! This is the one place the job contract's bounds are enforced (docs/architecture.md §2 "Job
+//! message"): sizes are multiples of 8 within the configured side and pixel bounds, steps 1..=150,
+//! guidance finite in 0..=30, 1..=8 images, known scheduler names, prompts at most 4000 characters. A violation is a [`Rejection`] that
 //! names the field, the value and the bound. `t2i generate` builds a request from its flags; the queue
 //! worker builds one from a message. Pure: no I/O, no model.
 
@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::pipeline::SchedulerKind;
 
+mod format;
 pub mod message;
+pub use format::ImageFormat;
 pub use message::{BadBody, Job, JobId, JobRequest, OutputSpec, parse_job_body};
 
 /// Generation parameters as they arrive. Absent fields take the model's defaults.

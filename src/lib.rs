@@ -3,19 +3,26 @@
 //!
 //! # Layout
 //!
-//! The data path of `t2i generate`, one hop per arrow:
+//! The data path of `t2i worker`, one hop per arrow:
 //!
 //! ```text
-//! flags → job::GenerationRequest → GenerationParams::parse → pipeline::Pipeline::render
-//!   (tokenize → text encoders → denoise loop → VAE) → Vec<RgbImage> → image::encode (PNG/JPEG/WebP
-//!   + generation parameters) → files
+//! queue::Consumer → Delivery → worker::intake (job::parse_job_body, earlier result?, deadline,
+//!   cancellations) → worker::batcher (compatible jobs) → worker::render (pipeline::runner, the device
+//!   thread: tokenize → text encoders → denoise loop → VAE) → (Job, Action) → worker::complete
+//!   (image::encode → storage::ImageStore::put under ObjectKey → events::CloudEvent → queue::Publisher,
+//!   confirmed) → Outcome → worker::session settles the delivery (ack, reject, retry copy)
 //! ```
 //!
-//! * [`job`] validates generation parameters once, at the edge; everything below trusts the types.
-//! * [`pipeline`] owns the model: diffusers-layout loading, tokenizers, CLIP encoders, UNet, VAE,
-//!   samplers, and the CFG loop. It is synchronous and owns no threads.
-//! * [`image`] encodes pixels with the parameters embedded the way SD tools read them.
-//! * [`generate`] is the `t2i generate` subcommand; [`cli`] the flags; [`device`] device/dtype parsing.
+//! Side paths: `generate`: flags → `job::Generation::parse` → `pipeline::Pipeline::render` → files;
+//! `enqueue`: JSONL/CSV/templates → `parse_job_body` → `queue::Publisher`; `webhooks`: events →
+//! signed POST → ack; `gateway`: HTTP → `parse_job_body` → `queue::Publisher` (→ reply queue).
+//!
+//! * The contract — [`job`], [`events`], [`control`] — depends on nothing else in the crate; every
+//!   other module may use it.
+//! * [`queue`] is the only module that talks to RabbitMQ; [`storage`] the only one that talks to S3
+//!   or the file system for results; [`pipeline`] owns the model and never does I/O beyond loading.
+//! * [`cli`] declares every flag (subcommands import it, never the reverse); [`config`] turns flags
+//!   into validated configuration; [`health`] serves `/healthz`, `/readyz`, `/metrics`.
 #![deny(unsafe_code)]
 #![warn(clippy::dbg_macro, clippy::todo)]
 

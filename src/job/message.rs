@@ -11,9 +11,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::ImageFormat;
 use super::{Generation, GenerationRequest, Limits, ModelDefaults, Rejection};
 use crate::events::EventKind;
-use crate::image::ImageFormat;
 
 /// Largest message body a worker accepts.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
