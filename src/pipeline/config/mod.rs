@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 mod unet;
-pub use unet::{BlockKind, DownBlockConfig, MidBlock, UNetConfig, UpBlockConfig};
+pub use unet::{BlockKind, DownBlockConfig, LayerConfig, MidBlock, UNetConfig, UpBlockConfig};
 
 /// A config file that is missing, malformed, or asks for something this pipeline does not implement.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,9 @@
 //! `unet/config.json`, resolved to the structure diffusers' `UNet2DConditionModel.__init__` builds:
-//! block kinds, channels and per-layer transformer depths. This module only parses; it loads nothing.
+//! block kinds, per-layer transformer depths, and the channels each layer's resnet takes and gives.
+//!
+//! The channel plan ([`DownBlockConfig::layers`], [`UpBlockConfig::layers`], [`UNetConfig::mid_channels`])
+//! is worked out once here, so the UNet that loads the weights (`pipeline/unet.rs`) and the FLOP count
+//! (`pipeline/cost.rs`) cannot disagree about it. This module only parses; it loads nothing.
 
 use std::path::Path;
 
@@ -57,6 +61,8 @@ pub enum MidBlock {
 #[derive(Debug, Clone)]
 pub struct DownBlockConfig {
     pub kind: BlockKind,
+    /// Channels coming in: the previous down block's output (`conv_in`'s for the first block).
+    pub in_channels: usize,
     pub out_channels: usize,
     pub heads: usize,
     /// Transformer depth of each of the block's `layers_per_block` layers.
@@ -70,11 +76,70 @@ pub struct UpBlockConfig {
     pub out_channels: usize,
     /// Channels of the previous up block (or the mid block): the first resnet's input.
     pub prev_channels: usize,
-    /// Channels at the same level on the way down: the last resnet's skip input.
+    /// Channels coming into the matching down block (its `in_channels`): the last resnet's skip input.
     pub in_channels: usize,
     pub heads: usize,
     pub depths: Vec<usize>,
     pub upsample: bool,
+}
+
+/// One layer of a down or up block as the weights lay it out: `resnets.{j}` from `c_in` to `c_out`
+/// channels, then, in a cross-attention block, `attentions.{j}` of `depth` transformer blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerConfig {
+    /// The resnet's input; in an up block, the running features and the skip concatenated onto them.
+    pub c_in: usize,
+    pub c_out: usize,
+    pub depth: usize,
+}
+
+impl DownBlockConfig {
+    /// The block's layers (diffusers `DownBlock2D`/`CrossAttnDownBlock2D`): the first resnet takes the
+    /// previous block's channels, the others the block's own.
+    pub fn layers(&self) -> impl Iterator<Item = LayerConfig> + '_ {
+        block_layers(&self.depths, self.in_channels, self.out_channels, |_| 0)
+    }
+}
+
+impl UpBlockConfig {
+    /// The block's layers (diffusers `UpBlock2D`/`CrossAttnUpBlock2D`): each resnet takes the running
+    /// features (the previous up block's at first, then the block's own) plus one skip popped from the
+    /// down path. The last skip popped at a level is the one pushed first on the way down (the previous
+    /// level's downsampler output, `conv_in`'s at the top), so it has `in_channels`; the others have the
+    /// block's own.
+    pub fn layers(&self) -> impl Iterator<Item = LayerConfig> + '_ {
+        let last = self.depths.len() - 1;
+        block_layers(
+            &self.depths,
+            self.prev_channels,
+            self.out_channels,
+            move |j| {
+                if j == last {
+                    self.in_channels
+                } else {
+                    self.out_channels
+                }
+            },
+        )
+    }
+}
+
+/// Layers whose first resnet runs on `incoming` channels and the rest on the block's own `c_out`,
+/// each with `skip(j)` more concatenated onto its input.
+fn block_layers<'a>(
+    depths: &'a [usize],
+    incoming: usize,
+    c_out: usize,
+    skip: impl Fn(usize) -> usize + 'a,
+) -> impl Iterator<Item = LayerConfig> + 'a {
+    depths
+        .iter()
+        .enumerate()
+        .map(move |(j, &depth)| LayerConfig {
+            c_in: (if j == 0 { incoming } else { c_out }) + skip(j),
+            c_out,
+            depth,
+        })
 }
 
 /// `unet/config.json`, resolved to the structure diffusers' `UNet2DConditionModel.__init__` builds.
@@ -144,6 +209,12 @@ impl UNetConfig {
 
         let block_out_channels = cfg.usize_list("block_out_channels")?;
         let n = block_out_channels.len();
+        if n == 0 {
+            return Err(cfg.err(
+                "block_out_channels",
+                "empty: a UNet needs at least one block",
+            ));
+        }
         let down_types = cfg.str_list("down_block_types")?;
         let up_types = cfg.str_list("up_block_types")?;
         if down_types.len() != n || up_types.len() != n {
@@ -241,6 +312,7 @@ impl UNetConfig {
             )?;
             down.push(DownBlockConfig {
                 kind,
+                in_channels: block_out_channels[i.saturating_sub(1)],
                 out_channels: block_out_channels[i],
                 heads: heads[i],
                 depths,
@@ -319,6 +391,12 @@ impl UNetConfig {
             up,
         })
     }
+
+    /// Channels through the mid block: the last down block's output.
+    pub fn mid_channels(&self) -> usize {
+        // `from_file` rejects an empty `block_out_channels`, so there is a last block.
+        self.block_out_channels[self.block_out_channels.len() - 1]
+    }
 }
 
 fn first_depth(v: &Value) -> usize {
@@ -361,6 +439,43 @@ mod tests {
         assert_eq!(c.time_embed_dim, 1280);
         assert_eq!((c.up[0].prev_channels, c.up[0].in_channels), (1280, 640));
         assert_eq!((c.up[2].prev_channels, c.up[2].in_channels), (640, 320));
+    }
+
+    #[test]
+    fn each_resnet_takes_its_features_plus_its_skip() {
+        // The conv1 input widths of SDXL base 1.0's UNet weights (same channels as SSD-1B's), e.g.
+        // `up_blocks.0.resnets.2.conv1.weight` is 1280×1920×3×3.
+        let c = unet(SSD1B).unwrap();
+        let c_in = |layers: Vec<LayerConfig>| layers.iter().map(|l| l.c_in).collect::<Vec<_>>();
+        let down: Vec<_> = c.down.iter().map(|b| c_in(b.layers().collect())).collect();
+        assert_eq!(down, [[320, 320], [320, 640], [640, 1280]]);
+        let up: Vec<_> = c.up.iter().map(|b| c_in(b.layers().collect())).collect();
+        assert_eq!(up, [[2560, 2560, 1920], [1920, 1280, 960], [960, 640, 640]]);
+        assert_eq!(
+            c.up[0].layers().map(|l| l.depth).collect::<Vec<_>>(),
+            [4, 4, 10]
+        );
+        assert_eq!(c.mid_channels(), 1280);
+        // An up block's last skip has what came into the down block at its level.
+        for (up, down) in c.up.iter().zip(c.down.iter().rev()) {
+            assert_eq!(up.in_channels, down.in_channels);
+        }
+    }
+
+    #[test]
+    fn an_empty_block_list_is_an_error_not_a_panic() {
+        let json = SSD1B
+            .replace("[320, 640, 1280]", "[]")
+            .replace(
+                r#"["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]"#,
+                "[]",
+            )
+            .replace(
+                r#"["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]"#,
+                "[]",
+            );
+        let err = unet(&json).unwrap_err().to_string();
+        assert!(err.contains("block_out_channels"), "{err}");
     }
 
     #[test]
