@@ -6,7 +6,7 @@
 //! the tests against the figures in MODEL_NOTES.md (SSD-1B 4.21, SDXL 6.76, Vega 2.82 TFLOP per UNet
 //! forward at 1024², SDXL VAE decode 10.5 TFLOP).
 
-use super::config::{BlockKind, MidBlock, UNetConfig, VaeConfig};
+use super::config::{BlockKind, LayerConfig, MidBlock, UNetConfig, VaeConfig};
 
 fn conv(hw: f64, c_in: usize, c_out: usize, k: usize) -> f64 {
     2.0 * hw * (c_in * c_out * k * k) as f64
@@ -35,6 +35,25 @@ fn transformer(n: f64, c: usize, depth: usize, ctx_len: f64, ctx_dim: usize) -> 
     proj + depth as f64 * (self_attn + cross_attn + ff)
 }
 
+/// Adds a down or up block's layers, from the config's channel plan (the one the UNet is loaded
+/// from): each resnet and, in a cross-attention block, its transformer, onto the running total one
+/// term at a time in the order the layers run.
+fn add_layers(
+    total: &mut f64,
+    hw: f64,
+    kind: BlockKind,
+    plan: impl Iterator<Item = LayerConfig>,
+    ctx_len: f64,
+    ctx_dim: usize,
+) {
+    for layer in plan {
+        *total += resnet(hw, layer.c_in, layer.c_out);
+        if kind == BlockKind::CrossAttn {
+            *total += transformer(hw, layer.c_out, layer.depth, ctx_len, ctx_dim);
+        }
+    }
+}
+
 /// FLOPs of one UNet forward for one sample at latent size `h × w`, with a `ctx_len`-token context.
 pub fn unet_flops(c: &UNetConfig, h: usize, w: usize, ctx_len: usize) -> f64 {
     let ctx = ctx_len as f64;
@@ -48,22 +67,14 @@ pub fn unet_flops(c: &UNetConfig, h: usize, w: usize, ctx_len: usize) -> f64 {
     let hw = |i: usize| (sizes[i].0 * sizes[i].1) as f64;
     let c0 = c.block_out_channels[0];
     let mut total = conv(hw(0), c.in_channels, c0, 3) + conv(hw(0), c0, c.out_channels, 3);
-    let mut ch = c0;
     for (i, b) in c.down.iter().enumerate() {
-        for (j, depth) in b.depths.iter().enumerate() {
-            let c_in = if j == 0 { ch } else { b.out_channels };
-            total += resnet(hw(i), c_in, b.out_channels);
-            if b.kind == BlockKind::CrossAttn {
-                total += transformer(hw(i), b.out_channels, *depth, ctx, cross);
-            }
-        }
+        add_layers(&mut total, hw(i), b.kind, b.layers(), ctx, cross);
         if b.downsample {
             total += conv(hw(i + 1), b.out_channels, b.out_channels, 3);
         }
-        ch = b.out_channels;
     }
     let last = c.down.len() - 1;
-    let mid_c = *c.block_out_channels.last().unwrap_or(&ch);
+    let mid_c = c.mid_channels();
     total += match c.mid {
         MidBlock::CrossAttn { depth } => {
             2.0 * resnet(hw(last), mid_c, mid_c) + transformer(hw(last), mid_c, depth, ctx, cross)
@@ -73,23 +84,7 @@ pub fn unet_flops(c: &UNetConfig, h: usize, w: usize, ctx_len: usize) -> f64 {
     };
     for (i, b) in c.up.iter().enumerate() {
         let level = last - i;
-        let n = b.depths.len();
-        for (j, depth) in b.depths.iter().enumerate() {
-            let skip = if j == n - 1 {
-                b.in_channels
-            } else {
-                b.out_channels
-            };
-            let c_in = if j == 0 {
-                b.prev_channels
-            } else {
-                b.out_channels
-            };
-            total += resnet(hw(level), c_in + skip, b.out_channels);
-            if b.kind == BlockKind::CrossAttn {
-                total += transformer(hw(level), b.out_channels, *depth, ctx, cross);
-            }
-        }
+        add_layers(&mut total, hw(level), b.kind, b.layers(), ctx, cross);
         if b.upsample {
             total += conv(hw(level - 1), b.out_channels, b.out_channels, 3);
         }

@@ -16,7 +16,7 @@ use super::blocks::{Linear, linear};
 use super::blocks::{
     Conv, Downsample2D, ResnetBlock2D, ResnetParams, Transformer2D, Upsample2D, conv3x3,
 };
-use super::config::{BlockKind, MidBlock, UNetConfig};
+use super::config::{BlockKind, LayerConfig, MidBlock, UNetConfig};
 
 /// diffusers `get_timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift)` with
 /// `max_period = 10000`, in f32 like PyTorch. Returns `values.len() × dim` row-major.
@@ -101,6 +101,79 @@ enum Mid {
     None,
 }
 
+/// A resnet with the norm settings and time-embedding width every UNet resnet shares.
+fn resnet(
+    vb: VarBuilder,
+    c: &UNetConfig,
+    c_in: usize,
+    c_out: usize,
+    output_scale_factor: f64,
+) -> Result<ResnetBlock2D> {
+    ResnetBlock2D::load(
+        vb,
+        &ResnetParams {
+            c_in,
+            c_out,
+            temb: Some(c.time_embed_dim),
+            groups: c.norm_num_groups,
+            eps: c.norm_eps,
+            output_scale_factor,
+        },
+    )
+}
+
+/// A `Transformer2DModel` attending to the text context (`cross_attention_dim` wide).
+fn transformer(
+    vb: VarBuilder,
+    c: &UNetConfig,
+    channels: usize,
+    heads: usize,
+    depth: usize,
+) -> Result<Transformer2D> {
+    Transformer2D::load(
+        vb,
+        channels,
+        heads,
+        depth,
+        c.cross_attention_dim,
+        c.norm_num_groups,
+    )
+}
+
+/// A down or up block's layers from the config's channel plan: `resnets.{j}`, and in a
+/// cross-attention block `attentions.{j}` after it. Down and up blocks differ only in the plan.
+fn load_layers(
+    vb: &VarBuilder,
+    c: &UNetConfig,
+    kind: BlockKind,
+    heads: usize,
+    plan: impl Iterator<Item = LayerConfig>,
+) -> Result<Vec<Layer>> {
+    plan.enumerate()
+        .map(|(j, layer)| {
+            Ok(Layer {
+                resnet: resnet(
+                    vb.pp(format!("resnets.{j}")),
+                    c,
+                    layer.c_in,
+                    layer.c_out,
+                    1.0,
+                )?,
+                attention: match kind {
+                    BlockKind::CrossAttn => Some(transformer(
+                        vb.pp(format!("attentions.{j}")),
+                        c,
+                        layer.c_out,
+                        heads,
+                        layer.depth,
+                    )?),
+                    BlockKind::Plain => None,
+                },
+            })
+        })
+        .collect()
+}
+
 /// Step-invariant conditioning for one batch: `add_embedding([pooled ; sinusoid(time_ids)])`.
 pub struct Conditioning {
     aug_emb: Tensor,
@@ -124,69 +197,30 @@ impl UNet {
     pub fn load(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
         let c = config;
         let temb = c.time_embed_dim;
-        let resnet = |vb: VarBuilder, c_in: usize, c_out: usize, scale: f64| {
-            ResnetBlock2D::load(
-                vb,
-                &ResnetParams {
-                    c_in,
-                    c_out,
-                    temb: Some(temb),
-                    groups: c.norm_num_groups,
-                    eps: c.norm_eps,
-                    output_scale_factor: scale,
-                },
-            )
-        };
-        let transformer = |vb: VarBuilder, ch: usize, heads: usize, depth: usize| {
-            Transformer2D::load(
-                vb,
-                ch,
-                heads,
-                depth,
-                c.cross_attention_dim,
-                c.norm_num_groups,
-            )
-        };
 
         let mut down = Vec::new();
-        let mut ch = c.block_out_channels[0];
         for (i, b) in c.down.iter().enumerate() {
             let vb = vb.pp(format!("down_blocks.{i}"));
-            let mut layers = Vec::new();
-            for (j, depth) in b.depths.iter().enumerate() {
-                let c_in = if j == 0 { ch } else { b.out_channels };
-                layers.push(Layer {
-                    resnet: resnet(vb.pp(format!("resnets.{j}")), c_in, b.out_channels, 1.0)?,
-                    attention: match b.kind {
-                        BlockKind::CrossAttn => Some(transformer(
-                            vb.pp(format!("attentions.{j}")),
-                            b.out_channels,
-                            b.heads,
-                            *depth,
-                        )?),
-                        BlockKind::Plain => None,
-                    },
-                });
-            }
+            let layers = load_layers(&vb, c, b.kind, b.heads, b.layers())?;
             let downsample = b
                 .downsample
                 .then(|| Downsample2D::load(vb.pp("downsamplers.0"), b.out_channels))
                 .transpose()?;
             down.push(DownBlock { layers, downsample });
-            ch = b.out_channels;
         }
 
         let mid_vb = vb.pp("mid_block");
-        let mid_ch = *c.block_out_channels.last().unwrap_or(&ch);
+        let mid_ch = c.mid_channels();
         let scale = c.mid_block_scale_factor;
         let mid = match c.mid {
             MidBlock::CrossAttn { depth } => Mid::CrossAttn(Box::new(MidCrossAttn {
-                resnet_1: resnet(mid_vb.pp("resnets.0"), mid_ch, mid_ch, scale)?,
-                attention: transformer(mid_vb.pp("attentions.0"), mid_ch, c.mid_heads, depth)?,
-                resnet_2: resnet(mid_vb.pp("resnets.1"), mid_ch, mid_ch, scale)?,
+                resnet_1: resnet(mid_vb.pp("resnets.0"), c, mid_ch, mid_ch, scale)?,
+                attention: transformer(mid_vb.pp("attentions.0"), c, mid_ch, c.mid_heads, depth)?,
+                resnet_2: resnet(mid_vb.pp("resnets.1"), c, mid_ch, mid_ch, scale)?,
             })),
             MidBlock::ResnetOnly => Mid::ResnetOnly(Box::new(resnet(
                 mid_vb.pp("resnets.0"),
+                c,
                 mid_ch,
                 mid_ch,
                 scale,
@@ -197,38 +231,7 @@ impl UNet {
         let mut up = Vec::new();
         for (i, b) in c.up.iter().enumerate() {
             let vb = vb.pp(format!("up_blocks.{i}"));
-            let n = b.depths.len();
-            let mut layers = Vec::new();
-            for (j, depth) in b.depths.iter().enumerate() {
-                // diffusers CrossAttnUpBlock2D/UpBlock2D: the last resnet's skip comes from the level above.
-                let skip = if j == n - 1 {
-                    b.in_channels
-                } else {
-                    b.out_channels
-                };
-                let c_in = if j == 0 {
-                    b.prev_channels
-                } else {
-                    b.out_channels
-                };
-                layers.push(Layer {
-                    resnet: resnet(
-                        vb.pp(format!("resnets.{j}")),
-                        c_in + skip,
-                        b.out_channels,
-                        1.0,
-                    )?,
-                    attention: match b.kind {
-                        BlockKind::CrossAttn => Some(transformer(
-                            vb.pp(format!("attentions.{j}")),
-                            b.out_channels,
-                            b.heads,
-                            *depth,
-                        )?),
-                        BlockKind::Plain => None,
-                    },
-                });
-            }
+            let layers = load_layers(&vb, c, b.kind, b.heads, b.layers())?;
             let upsample = b
                 .upsample
                 .then(|| Upsample2D::load(vb.pp("upsamplers.0"), b.out_channels))

@@ -4,13 +4,11 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{
-    NoiseSource, Prediction, Sampler, SchedulerConfig, Spacing, np_arange, np_linspace,
-    round_half_even,
-};
+use super::schedule::{np_linspace, round_half_even, trailing_timesteps};
+use super::{NoiseSource, Prediction, Sampler, Schedule, SchedulerConfig, Spacing};
 
 pub(super) struct Ddim {
-    timesteps: Vec<f64>,
+    schedule: Schedule,
     alphas_cumprod: Vec<f32>,
     final_alpha_cumprod: f64,
     step_ratio: usize,
@@ -38,10 +36,7 @@ impl Ddim {
                     .map(|i| (i * ratio) as f64 + offset)
                     .collect()
             }
-            Spacing::Trailing => np_arange(n_train as f64, 0.0, -(n_train as f64 / steps as f64))
-                .into_iter()
-                .map(|v| round_half_even(v) - 1.0)
-                .collect(),
+            Spacing::Trailing => trailing_timesteps(n_train, steps),
         };
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) {
             1.0
@@ -49,7 +44,13 @@ impl Ddim {
             alphas_cumprod[0] as f64
         };
         Self {
-            timesteps,
+            // DDIM works in ᾱ, not sigmas: no sigma table, unit initial noise, the sample fed as is.
+            schedule: Schedule {
+                timesteps,
+                sigmas: Vec::new(),
+                init_noise_sigma: 1.0,
+                scales_input: false,
+            },
             final_alpha_cumprod,
             step_ratio: n_train / steps,
             clip: cfg
@@ -63,20 +64,8 @@ impl Ddim {
 }
 
 impl Sampler for Ddim {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> &[f64] {
-        &[]
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, x: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(x.clone())
+    fn schedule(&self) -> &Schedule {
+        &self.schedule
     }
 
     fn step(
@@ -86,7 +75,7 @@ impl Sampler for Ddim {
         x: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        let t = self.timesteps[i] as i64;
+        let t = self.schedule.timesteps[i] as i64;
         let prev_t = t - self.step_ratio as i64;
         let a_t = self.alphas_cumprod[t as usize] as f64;
         let a_prev = if prev_t >= 0 {

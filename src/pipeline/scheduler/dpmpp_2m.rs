@@ -5,14 +5,13 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{
-    NoiseSource, Prediction, Sampler, SchedulerConfig, Spacing, interp, karras_sigmas, np_arange,
-    np_linspace, round_half_even, sigma_to_t, train_sigmas,
+use super::schedule::{
+    interp, karras_schedule, np_linspace, round_half_even, trailing_timesteps, train_sigmas,
 };
+use super::{NoiseSource, Prediction, Sampler, Schedule, SchedulerConfig, Spacing};
 
 pub(super) struct Dpmpp2m {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
+    schedule: Schedule,
     prediction: Prediction,
     heun: bool,
     lower_order_final: bool,
@@ -54,14 +53,7 @@ impl Dpmpp2m {
                     .map(|i| (i * ratio + offset) as f64)
                     .collect()
             }
-            Spacing::Trailing => np_arange(
-                last as f64,
-                0.0,
-                -(cfg.num_train_timesteps as f64 / steps as f64),
-            )
-            .into_iter()
-            .map(|v| round_half_even(v) - 1.0)
-            .collect(),
+            Spacing::Trailing => trailing_timesteps(last, steps),
         };
         let mut sigmas: Vec<f64> = if karras || cfg.use_karras_sigmas {
             // DPM-Solver's Karras range is the full training range (in_sigmas = flipped table).
@@ -69,26 +61,23 @@ impl Dpmpp2m {
             let hi = cfg
                 .sigma_max
                 .unwrap_or(*table.last().unwrap_or(&1.0) as f64);
-            let s = karras_sigmas(lo, hi, steps);
-            let log_table: Vec<f32> = table.iter().map(|x| x.ln()).collect();
+            let (s, t) = karras_schedule(&table, lo, hi, steps);
             // Rounded to integers (beta_schedule is not squaredcos_cap_v2).
-            timesteps = s
-                .iter()
-                .map(|&x| round_half_even(sigma_to_t(x, &log_table)))
-                .collect();
+            timesteps = t.into_iter().map(round_half_even).collect();
             s
         } else {
             timesteps.iter().map(|&t| interp(t, &table)).collect()
         };
-        sigmas.push(if cfg.final_sigmas_zero {
-            0.0
-        } else {
-            table[0] as f64
-        });
+        sigmas.push(cfg.final_sigma(&table));
         let sigmas = sigmas.into_iter().map(|s| s as f32 as f64).collect();
         Self {
-            timesteps,
-            sigmas,
+            // DPM-Solver keeps unit-variance latents: unit initial noise, the sample fed as is.
+            schedule: Schedule {
+                timesteps,
+                sigmas,
+                init_noise_sigma: 1.0,
+                scales_input: false,
+            },
             prediction: cfg.prediction,
             heun: cfg.solver_type_heun,
             lower_order_final: cfg.lower_order_final,
@@ -100,20 +89,8 @@ impl Dpmpp2m {
 }
 
 impl Sampler for Dpmpp2m {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> &[f64] {
-        &self.sigmas
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, x: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(x.clone())
+    fn schedule(&self) -> &Schedule {
+        &self.schedule
     }
 
     fn step(
@@ -123,8 +100,8 @@ impl Sampler for Dpmpp2m {
         x: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        let n = self.timesteps.len();
-        let (alpha_s0, sigma_s0, lambda_s0) = alpha_sigma_lambda(self.sigmas[i]);
+        let n = self.schedule.timesteps.len();
+        let (alpha_s0, sigma_s0, lambda_s0) = alpha_sigma_lambda(self.schedule.sigmas[i]);
         // convert_model_output: the data prediction x0.
         let x0 = match self.prediction {
             Prediction::Epsilon => ((x - (out * sigma_s0)?)? / alpha_s0)?,
@@ -134,7 +111,7 @@ impl Sampler for Dpmpp2m {
             && (self.euler_at_final
                 || (self.lower_order_final && n < 15)
                 || self.final_sigmas_zero);
-        let next = self.sigmas[i + 1];
+        let next = self.schedule.sigmas[i + 1];
         let prev_x0 = self.previous.replace(x0.clone());
         let result = if next == 0.0 {
             // σ_t = 0 only at the final step, which is first order there (final_sigmas_type "zero"):
@@ -146,7 +123,7 @@ impl Sampler for Dpmpp2m {
             let base = ((x * (sigma_t / sigma_s0))? - (&x0 * (alpha_t * ((-h).exp() - 1.0)))?)?;
             match prev_x0 {
                 Some(m1) if !lower_order_final => {
-                    let (_, _, lambda_s1) = alpha_sigma_lambda(self.sigmas[i - 1]);
+                    let (_, _, lambda_s1) = alpha_sigma_lambda(self.schedule.sigmas[i - 1]);
                     let r0 = (lambda_s0 - lambda_s1) / h;
                     let d1 = ((&x0 - m1)? * (1.0 / r0))?;
                     let coef = if self.heun {

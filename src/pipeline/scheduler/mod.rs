@@ -10,14 +10,15 @@
 //!
 //! As with diffusers' `from_config`, keys present in the shipped config carry over to whichever class
 //! is built and absent keys take that class's own default (so DDIM gets `clip_sample` from the SDXL
-//! config, DPM++ gets its `timestep_spacing: "leading"`). Schedules are computed the way PyTorch/NumPy
-//! compute them (f32 betas and sigma tables, f64 cumulative products and interpolation) so timesteps and
-//! sigmas match to float precision. Sampler state is per batch: build a new one for every render.
+//! config, DPM++ gets its `timestep_spacing: "leading"`). The schedule arithmetic the classes share is
+//! in `schedule.rs`, computed the way PyTorch/NumPy compute it so timesteps and sigmas match to float
+//! precision. Sampler state is per batch: build a new one for every render.
 
 mod ddim;
 mod dpmpp_2m;
 mod euler;
 mod euler_ancestral;
+mod schedule;
 
 use std::path::Path;
 
@@ -27,6 +28,7 @@ type Result<T> = candle_core::Result<T>;
 use serde_json::json;
 
 use super::config::{ConfigError, ConfigFile};
+pub use schedule::Schedule;
 
 /// A sampler name from the job contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -241,134 +243,6 @@ impl SchedulerConfig {
             .expect("built-in JSON is valid");
         Self::from_file(&cfg).expect("built-in config is supported")
     }
-
-    /// `alphas_cumprod` with the class defaults for beta range and schedule, computed as PyTorch does:
-    /// f32 `linspace` (then squared for scaled_linear), f32 `1 - beta`, cumulative product accumulated
-    /// in f64 (ATen's CPU `acc_type<float>`) and stored as f32.
-    fn alphas_cumprod(
-        &self,
-        default_start: f64,
-        default_end: f64,
-        default_schedule: &str,
-    ) -> Vec<f32> {
-        let n = self.num_train_timesteps;
-        let betas: Vec<f32> = if let Some(tb) = &self.trained_betas {
-            tb.iter().map(|&b| b as f32).collect()
-        } else {
-            let start = self.beta_start.unwrap_or(default_start);
-            let end = self.beta_end.unwrap_or(default_end);
-            match self.beta_schedule.as_deref().unwrap_or(default_schedule) {
-                "scaled_linear" => linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n)
-                    .into_iter()
-                    .map(|x| x * x)
-                    .collect(),
-                _ => linspace_f32(start as f32, end as f32, n),
-            }
-        };
-        let mut acc = 1.0f64;
-        betas
-            .iter()
-            .map(|b| {
-                acc *= (1.0f32 - b) as f64;
-                acc as f32
-            })
-            .collect()
-    }
-}
-
-/// `torch.linspace(start, end, n, dtype=float32)`: ATen fills the first half forwards from `start` and
-/// the second half backwards from `end`, in f32.
-fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (n - 1) as f32;
-    let half = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (n - i - 1) as f32
-            }
-        })
-        .collect()
-}
-
-/// `numpy.linspace(start, stop, num)` in f64.
-fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
-    if num == 1 {
-        return vec![start];
-    }
-    let step = (stop - start) / (num - 1) as f64;
-    let mut v: Vec<f64> = (0..num).map(|i| start + i as f64 * step).collect();
-    v[num - 1] = stop;
-    v
-}
-
-/// `numpy.arange(start, stop, step)` for a float step: length `ceil((stop - start) / step)`.
-fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
-    let len = ((stop - start) / step).ceil().max(0.0) as usize;
-    (0..len).map(|i| start + i as f64 * step).collect()
-}
-
-/// NumPy's `round` (half to even).
-fn round_half_even(x: f64) -> f64 {
-    let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 {
-        2.0 * (x / 2.0).round()
-    } else {
-        r
-    }
-}
-
-/// `sqrt((1 - ᾱ) / ᾱ)` per training step, in f32 like diffusers' torch expression.
-fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod
-        .iter()
-        .map(|&a| ((1.0 - a) / a).sqrt())
-        .collect()
-}
-
-/// `numpy.interp(x, arange(len(table)), table)`.
-fn interp(x: f64, table: &[f32]) -> f64 {
-    if x <= 0.0 {
-        return table[0] as f64;
-    }
-    let last = table.len() - 1;
-    if x >= last as f64 {
-        return table[last] as f64;
-    }
-    let i = x.floor() as usize;
-    let frac = x - i as f64;
-    let (a, b) = (table[i] as f64, table[i + 1] as f64);
-    a + (b - a) * frac
-}
-
-/// diffusers `_sigma_to_t`: the fractional training timestep whose log-sigma matches `sigma`.
-fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
-    let log_sigma = sigma.max(1e-10).ln();
-    let n = log_sigmas.len();
-    // low_idx = last index with log_sigmas[i] <= log_sigma (cumsum(dists >= 0).argmax()), clipped.
-    let count = log_sigmas
-        .iter()
-        .filter(|&&l| log_sigma - l as f64 >= 0.0)
-        .count();
-    let low = count.saturating_sub(1).min(n - 2);
-    let high = low + 1;
-    let (lo, hi) = (log_sigmas[low] as f64, log_sigmas[high] as f64);
-    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
-    (1.0 - w) * low as f64 + w * high as f64
-}
-
-/// Karras et al. 2022 (arXiv:2206.00364) eq. 5 with rho = 7, as diffusers `_convert_to_karras`.
-fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
-    let rho = 7.0; // the paper's value
-    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    np_linspace(0.0, 1.0, n)
-        .into_iter()
-        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-        .collect()
 }
 
 /// Where per-step noise comes from for stochastic samplers: `Pipeline` draws each image's rows from
@@ -379,14 +253,8 @@ pub trait NoiseSource {
 
 /// One denoising run's sampler state.
 pub trait Sampler: Send {
-    /// Timesteps fed to the UNet, one per step (fractional for some schedules).
-    fn timesteps(&self) -> &[f64];
-    /// Sigmas including the final one (Euler-family and DPM++); empty for DDIM.
-    fn sigmas(&self) -> &[f64];
-    /// Factor applied to the initial noise (diffusers `init_noise_sigma`), even user-supplied latents.
-    fn init_noise_sigma(&self) -> f64;
-    /// diffusers `scale_model_input` for step `i`.
-    fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor>;
+    /// The schedule this run follows.
+    fn schedule(&self) -> &Schedule;
     /// One update from the guided model output `eps` at step `i`.
     fn step(
         &mut self,
@@ -395,6 +263,29 @@ pub trait Sampler: Send {
         x: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor>;
+
+    /// Timesteps fed to the UNet, one per step (fractional for some schedules).
+    fn timesteps(&self) -> &[f64] {
+        &self.schedule().timesteps
+    }
+    /// Sigmas including the final one (Euler-family and DPM++); empty for DDIM.
+    fn sigmas(&self) -> &[f64] {
+        &self.schedule().sigmas
+    }
+    /// Factor applied to the initial noise (diffusers `init_noise_sigma`), even user-supplied latents.
+    fn init_noise_sigma(&self) -> f64 {
+        self.schedule().init_noise_sigma
+    }
+    /// diffusers `scale_model_input` for step `i`.
+    fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor> {
+        let schedule = self.schedule();
+        if schedule.scales_input {
+            let s = schedule.sigmas[i];
+            x / (s * s + 1.0).sqrt()
+        } else {
+            Ok(x.clone())
+        }
+    }
 }
 
 /// Builds the named sampler from the model's scheduler config, set up for `steps` steps.
@@ -408,40 +299,6 @@ pub fn build(kind: SchedulerKind, config: &SchedulerConfig, steps: usize) -> Box
         SchedulerKind::Dpmpp2m => Box::new(dpmpp_2m::Dpmpp2m::new(config, steps, false)),
         SchedulerKind::Dpmpp2mKarras => Box::new(dpmpp_2m::Dpmpp2m::new(config, steps, true)),
     }
-}
-
-/// `x0` and the implied noise from a model output, for the Euler family (`sigma`-parametrised).
-fn euler_x0(prediction: Prediction, x: &Tensor, out: &Tensor, sigma: f64) -> Result<Tensor> {
-    match prediction {
-        Prediction::Epsilon => x - (out * sigma)?,
-        Prediction::VPrediction => {
-            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-            let c_skip = 1.0 / (sigma * sigma + 1.0);
-            (out * c_out)? + (x * c_skip)?
-        }
-    }
-}
-
-/// Leading/linspace/trailing timesteps of the Euler family, as f32 values (EulerDiscreteScheduler).
-fn euler_timesteps(spacing: Spacing, n_train: usize, steps: usize, offset: usize) -> Vec<f64> {
-    let t: Vec<f64> = match spacing {
-        Spacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, steps)
-            .into_iter()
-            .rev()
-            .collect(),
-        Spacing::Leading => {
-            let ratio = (n_train / steps) as f64;
-            (0..steps)
-                .rev()
-                .map(|i| round_half_even(i as f64 * ratio) + offset as f64)
-                .collect()
-        }
-        Spacing::Trailing => np_arange(n_train as f64, 0.0, -(n_train as f64 / steps as f64))
-            .into_iter()
-            .map(|v| round_half_even(v) - 1.0)
-            .collect(),
-    };
-    t.into_iter().map(|v| v as f32 as f64).collect()
 }
 
 #[cfg(test)]
@@ -467,11 +324,5 @@ mod tests {
             assert_eq!(SchedulerKind::parse(k.as_str()), Some(k));
         }
         assert_eq!(SchedulerKind::parse("heun"), None);
-    }
-
-    #[test]
-    fn torch_linspace_fills_from_both_ends() {
-        let v = linspace_f32(0.0, 1.0, 5);
-        assert_eq!(v, vec![0.0, 0.25, 0.5, 0.75, 1.0]);
     }
 }

@@ -1,250 +1,15 @@
-//! Reading the diffusers folder layout's JSON configs into validated, resolved structs.
+//! `unet/config.json`, resolved to the structure diffusers' `UNet2DConditionModel.__init__` builds:
+//! block kinds, per-layer transformer depths, and the channels each layer's resnet takes and gives.
 //!
-//! Every architectural fact the pipeline uses comes from here: `model_index.json`, `unet/config.json`,
-//! `text_encoder{,_2}/config.json`, `vae/config.json` and `scheduler/scheduler_config.json`. Nothing is
-//! hard-coded per model; SSD-1B, SDXL base 1.0 and Segmind-Vega differ only in these files
-//! (`../shared/MODEL_NOTES.md` has the table). A key the code cannot honour is an error naming the file,
-//! the key and the value, never a silent default and never a panic.
-//!
-//! This module only parses. Weights are found in `weights.rs`; schedules are computed in `scheduler/`.
+//! The channel plan ([`DownBlockConfig::layers`], [`UpBlockConfig::layers`], [`UNetConfig::mid_channels`])
+//! is worked out once here, so the UNet that loads the weights (`pipeline/unet.rs`) and the FLOP count
+//! (`pipeline/cost.rs`) cannot disagree about it. This module only parses; it loads nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-/// A config file that is missing, malformed, or asks for something this pipeline does not implement.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{}: cannot read: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: not valid JSON: {source}", path.display())]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("{}: key `{key}`: {message}", path.display())]
-    Key {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
-}
-
-/// A parsed JSON object that remembers its file, so that every error can name file and key.
-pub(crate) struct ConfigFile {
-    path: PathBuf,
-    map: Map<String, Value>,
-}
-
-impl ConfigFile {
-    pub(crate) fn open(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(path, &text)
-    }
-
-    pub(crate) fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let value: Value = serde_json::from_str(text).map_err(|source| ConfigError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        match value {
-            Value::Object(map) => Ok(Self {
-                path: path.to_path_buf(),
-                map,
-            }),
-            _ => Err(ConfigError::Key {
-                path: path.to_path_buf(),
-                key: "(top level)".into(),
-                message: "expected a JSON object".into(),
-            }),
-        }
-    }
-
-    pub(crate) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Key {
-            path: self.path.clone(),
-            key: key.to_string(),
-            message: message.into(),
-        }
-    }
-
-    /// The value of `key`, treating JSON `null` as absent (diffusers writes explicit nulls).
-    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    pub(crate) fn usize_or(&self, key: &str, default: usize) -> Result<usize, ConfigError> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => {
-                as_usize(v).ok_or_else(|| self.err(key, format!("expected an integer, got {v}")))
-            }
-        }
-    }
-
-    pub(crate) fn usize_req(&self, key: &str) -> Result<usize, ConfigError> {
-        let v = self.get(key).ok_or_else(|| self.err(key, "missing"))?;
-        as_usize(v).ok_or_else(|| self.err(key, format!("expected an integer, got {v}")))
-    }
-
-    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
-        self.get(key)
-            .map(|v| {
-                as_usize(v).ok_or_else(|| self.err(key, format!("expected an integer, got {v}")))
-            })
-            .transpose()
-    }
-
-    pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64, ConfigError> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.err(key, format!("expected a number, got {v}"))),
-        }
-    }
-
-    pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.err(key, format!("expected true or false, got {v}"))),
-        }
-    }
-
-    pub(crate) fn str_or<'a>(
-        &'a self,
-        key: &str,
-        default: &'a str,
-    ) -> Result<&'a str, ConfigError> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| self.err(key, format!("expected a string, got {v}"))),
-        }
-    }
-
-    pub(crate) fn usize_list(&self, key: &str) -> Result<Vec<usize>, ConfigError> {
-        let v = self.get(key).ok_or_else(|| self.err(key, "missing"))?;
-        let arr = v
-            .as_array()
-            .ok_or_else(|| self.err(key, format!("expected a list of integers, got {v}")))?;
-        arr.iter()
-            .map(|x| {
-                as_usize(x)
-                    .ok_or_else(|| self.err(key, format!("expected a list of integers, got {v}")))
-            })
-            .collect()
-    }
-
-    pub(crate) fn str_list(&self, key: &str) -> Result<Vec<String>, ConfigError> {
-        let v = self.get(key).ok_or_else(|| self.err(key, "missing"))?;
-        let arr = v
-            .as_array()
-            .ok_or_else(|| self.err(key, format!("expected a list of strings, got {v}")))?;
-        arr.iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| self.err(key, format!("expected a list of strings, got {v}")))
-            })
-            .collect()
-    }
-
-    /// Fails unless `key` is absent/null or equal to one of `allowed` (the values this code implements).
-    pub(crate) fn require(&self, key: &str, allowed: &[Value]) -> Result<(), ConfigError> {
-        match self.get(key) {
-            None => Ok(()),
-            Some(v) if allowed.iter().any(|a| values_equal(a, v)) => Ok(()),
-            Some(v) => Err(self.err(
-                key,
-                format!(
-                    "value {v} is not supported (supported: {})",
-                    allowed
-                        .iter()
-                        .map(Value::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )),
-        }
-    }
-}
-
-fn as_usize(v: &Value) -> Option<usize> {
-    v.as_u64().map(|x| x as usize).or_else(|| {
-        // Some configs write integral floats (e.g. `"freq_shift": 0.0`); accept those only.
-        v.as_f64()
-            .filter(|f| f.fract() == 0.0 && *f >= 0.0)
-            .map(|f| f as usize)
-    })
-}
-
-fn values_equal(a: &Value, b: &Value) -> bool {
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => x == y,
-        _ => a == b,
-    }
-}
-
-/// `model_index.json`: which components the pipeline has, and pipeline-level flags.
-#[derive(Debug, Clone)]
-pub struct ModelIndex {
-    pub class_name: String,
-    /// diffusers `StableDiffusionXLPipeline.force_zeros_for_empty_prompt`: with no negative prompt the
-    /// unconditional embeddings are zeros instead of the encoding of "" (true for the SDXL family).
-    pub force_zeros_for_empty_prompt: bool,
-    /// The scheduler class the model ships (`scheduler: ["diffusers", "EulerDiscreteScheduler"]`).
-    pub scheduler_class: Option<String>,
-}
-
-impl ModelIndex {
-    pub(crate) fn load(root: &Path) -> Result<Self, ConfigError> {
-        let cfg = ConfigFile::open(&root.join("model_index.json"))?;
-        let class_name = cfg.str_or("_class_name", "")?.to_string();
-        if !class_name.is_empty() && !class_name.starts_with("StableDiffusionXL") {
-            return Err(cfg.err(
-                "_class_name",
-                format!("`{class_name}` is not an SDXL-family pipeline (expected StableDiffusionXLPipeline)"),
-            ));
-        }
-        for component in [
-            "unet",
-            "vae",
-            "text_encoder",
-            "text_encoder_2",
-            "tokenizer",
-            "tokenizer_2",
-        ] {
-            if cfg.get(component).is_none() {
-                return Err(cfg.err(
-                    component,
-                    "missing: this pipeline needs both CLIP text encoders, both tokenizers, a UNet and a VAE",
-                ));
-            }
-        }
-        let scheduler_class = cfg
-            .get("scheduler")
-            .and_then(|v| v.as_array())
-            .and_then(|a| a.get(1))
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
-        Ok(Self {
-            class_name,
-            // diffusers' StableDiffusionXLPipeline.__init__ default is True.
-            force_zeros_for_empty_prompt: cfg.bool_or("force_zeros_for_empty_prompt", true)?,
-            scheduler_class,
-        })
-    }
-}
+use super::{ConfigError, ConfigFile, as_usize};
 
 /// Per-layer transformer depth: diffusers accepts an int (same for every layer) or a list per layer,
 /// mixed freely in one array (`[[4, 4, 10], [2, 1, 1], 1]` in SSD-1B's `reverse_transformer_layers_per_block`).
@@ -296,6 +61,8 @@ pub enum MidBlock {
 #[derive(Debug, Clone)]
 pub struct DownBlockConfig {
     pub kind: BlockKind,
+    /// Channels coming in: the previous down block's output (`conv_in`'s for the first block).
+    pub in_channels: usize,
     pub out_channels: usize,
     pub heads: usize,
     /// Transformer depth of each of the block's `layers_per_block` layers.
@@ -309,11 +76,70 @@ pub struct UpBlockConfig {
     pub out_channels: usize,
     /// Channels of the previous up block (or the mid block): the first resnet's input.
     pub prev_channels: usize,
-    /// Channels at the same level on the way down: the last resnet's skip input.
+    /// Channels coming into the matching down block (its `in_channels`): the last resnet's skip input.
     pub in_channels: usize,
     pub heads: usize,
     pub depths: Vec<usize>,
     pub upsample: bool,
+}
+
+/// One layer of a down or up block as the weights lay it out: `resnets.{j}` from `c_in` to `c_out`
+/// channels, then, in a cross-attention block, `attentions.{j}` of `depth` transformer blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerConfig {
+    /// The resnet's input; in an up block, the running features and the skip concatenated onto them.
+    pub c_in: usize,
+    pub c_out: usize,
+    pub depth: usize,
+}
+
+impl DownBlockConfig {
+    /// The block's layers (diffusers `DownBlock2D`/`CrossAttnDownBlock2D`): the first resnet takes the
+    /// previous block's channels, the others the block's own.
+    pub fn layers(&self) -> impl Iterator<Item = LayerConfig> + '_ {
+        block_layers(&self.depths, self.in_channels, self.out_channels, |_| 0)
+    }
+}
+
+impl UpBlockConfig {
+    /// The block's layers (diffusers `UpBlock2D`/`CrossAttnUpBlock2D`): each resnet takes the running
+    /// features (the previous up block's at first, then the block's own) plus one skip popped from the
+    /// down path. The last skip popped at a level is the one pushed first on the way down (the previous
+    /// level's downsampler output, `conv_in`'s at the top), so it has `in_channels`; the others have the
+    /// block's own.
+    pub fn layers(&self) -> impl Iterator<Item = LayerConfig> + '_ {
+        let last = self.depths.len() - 1;
+        block_layers(
+            &self.depths,
+            self.prev_channels,
+            self.out_channels,
+            move |j| {
+                if j == last {
+                    self.in_channels
+                } else {
+                    self.out_channels
+                }
+            },
+        )
+    }
+}
+
+/// Layers whose first resnet runs on `incoming` channels and the rest on the block's own `c_out`,
+/// each with `skip(j)` more concatenated onto its input.
+fn block_layers<'a>(
+    depths: &'a [usize],
+    incoming: usize,
+    c_out: usize,
+    skip: impl Fn(usize) -> usize + 'a,
+) -> impl Iterator<Item = LayerConfig> + 'a {
+    depths
+        .iter()
+        .enumerate()
+        .map(move |(j, &depth)| LayerConfig {
+            c_in: (if j == 0 { incoming } else { c_out }) + skip(j),
+            c_out,
+            depth,
+        })
 }
 
 /// `unet/config.json`, resolved to the structure diffusers' `UNet2DConditionModel.__init__` builds.
@@ -383,6 +209,12 @@ impl UNetConfig {
 
         let block_out_channels = cfg.usize_list("block_out_channels")?;
         let n = block_out_channels.len();
+        if n == 0 {
+            return Err(cfg.err(
+                "block_out_channels",
+                "empty: a UNet needs at least one block",
+            ));
+        }
         let down_types = cfg.str_list("down_block_types")?;
         let up_types = cfg.str_list("up_block_types")?;
         if down_types.len() != n || up_types.len() != n {
@@ -480,6 +312,7 @@ impl UNetConfig {
             )?;
             down.push(DownBlockConfig {
                 kind,
+                in_channels: block_out_channels[i.saturating_sub(1)],
                 out_channels: block_out_channels[i],
                 heads: heads[i],
                 depths,
@@ -558,130 +391,18 @@ impl UNetConfig {
             up,
         })
     }
+
+    /// Channels through the mid block: the last down block's output.
+    pub fn mid_channels(&self) -> usize {
+        // `from_file` rejects an empty `block_out_channels`, so there is a last block.
+        self.block_out_channels[self.block_out_channels.len() - 1]
+    }
 }
 
 fn first_depth(v: &Value) -> usize {
     match v {
         Value::Array(a) => a.first().and_then(as_usize).unwrap_or(1),
         v => as_usize(v).unwrap_or(1),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClipActivation {
-    /// `x * sigmoid(1.702 x)`: OpenAI CLIP ViT-L (text_encoder).
-    QuickGelu,
-    /// Exact erf GELU: OpenCLIP bigG (text_encoder_2).
-    Gelu,
-}
-
-/// `text_encoder{,_2}/config.json` (transformers `CLIPTextConfig`).
-#[derive(Debug, Clone)]
-pub struct ClipConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub max_position_embeddings: usize,
-    pub layer_norm_eps: f64,
-    pub activation: ClipActivation,
-    /// transformers pools at `argmax(input_ids)` when the config's eos_token_id is the legacy value 2
-    /// (the SDXL configs), otherwise at the first `eos_token_id`.
-    pub eos_token_id: u32,
-    pub projection_dim: Option<usize>,
-}
-
-impl ClipConfig {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let cfg = ConfigFile::open(path)?;
-        let activation = match cfg.str_or("hidden_act", "quick_gelu")? {
-            "quick_gelu" => ClipActivation::QuickGelu,
-            "gelu" => ClipActivation::Gelu,
-            other => {
-                return Err(cfg.err(
-                    "hidden_act",
-                    format!("\"{other}\" is not supported (supported: quick_gelu, gelu)"),
-                ));
-            }
-        };
-        Ok(Self {
-            vocab_size: cfg.usize_req("vocab_size")?,
-            hidden_size: cfg.usize_req("hidden_size")?,
-            intermediate_size: cfg.usize_req("intermediate_size")?,
-            num_hidden_layers: cfg.usize_req("num_hidden_layers")?,
-            num_attention_heads: cfg.usize_req("num_attention_heads")?,
-            max_position_embeddings: cfg.usize_or("max_position_embeddings", 77)?,
-            layer_norm_eps: cfg.f64_or("layer_norm_eps", 1e-5)?,
-            activation,
-            eos_token_id: cfg.usize_or("eos_token_id", 2)? as u32,
-            projection_dim: cfg.opt_usize("projection_dim")?,
-        })
-    }
-}
-
-/// `vae/config.json` (diffusers `AutoencoderKL`); only the decoder side is used.
-#[derive(Debug, Clone)]
-pub struct VaeConfig {
-    pub latent_channels: usize,
-    pub out_channels: usize,
-    pub block_out_channels: Vec<usize>,
-    pub layers_per_block: usize,
-    pub norm_num_groups: usize,
-    /// 0.13025 for the SDXL VAE (SD 1.x: 0.18215).
-    pub scaling_factor: f64,
-    /// The VAE overflows in f16: decode in f32 (diffusers `needs_upcasting`).
-    pub force_upcast: bool,
-    pub latents_mean: Option<Vec<f64>>,
-    pub latents_std: Option<Vec<f64>>,
-    pub use_post_quant_conv: bool,
-    pub mid_block_add_attention: bool,
-}
-
-impl VaeConfig {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        use serde_json::json;
-        let cfg = ConfigFile::open(path)?;
-        cfg.require("act_fn", &[json!("silu")])?;
-        cfg.require("shift_factor", &[])?;
-        let up_types = cfg.str_list("up_block_types")?;
-        if let Some(bad) = up_types.iter().find(|t| *t != "UpDecoderBlock2D") {
-            return Err(cfg.err(
-                "up_block_types",
-                format!("`{bad}` is not supported (supported: UpDecoderBlock2D)"),
-            ));
-        }
-        let block_out_channels = cfg.usize_list("block_out_channels")?;
-        if up_types.len() != block_out_channels.len() {
-            return Err(cfg.err("up_block_types", "length differs from block_out_channels"));
-        }
-        let float_list = |key: &str| -> Result<Option<Vec<f64>>, ConfigError> {
-            cfg.get(key)
-                .map(|v| {
-                    v.as_array()
-                        .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
-                        .ok_or_else(|| cfg.err(key, format!("expected a list of numbers, got {v}")))
-                })
-                .transpose()
-        };
-        Ok(Self {
-            latent_channels: cfg.usize_or("latent_channels", 4)?,
-            out_channels: cfg.usize_or("out_channels", 3)?,
-            layers_per_block: cfg.usize_or("layers_per_block", 1)?,
-            norm_num_groups: cfg.usize_or("norm_num_groups", 32)?,
-            scaling_factor: cfg.f64_or("scaling_factor", 0.18215)?,
-            force_upcast: cfg.bool_or("force_upcast", true)?,
-            latents_mean: float_list("latents_mean")?,
-            latents_std: float_list("latents_std")?,
-            use_post_quant_conv: cfg.bool_or("use_post_quant_conv", true)?,
-            mid_block_add_attention: cfg.bool_or("mid_block_add_attention", true)?,
-            block_out_channels,
-        })
-    }
-
-    /// Pixels per latent pixel: 2^(number of VAE blocks - 1) = 8 for SD/SDXL (diffusers `vae_scale_factor`).
-    pub fn scale_factor(&self) -> usize {
-        1 << (self.block_out_channels.len().saturating_sub(1))
     }
 }
 
@@ -718,6 +439,43 @@ mod tests {
         assert_eq!(c.time_embed_dim, 1280);
         assert_eq!((c.up[0].prev_channels, c.up[0].in_channels), (1280, 640));
         assert_eq!((c.up[2].prev_channels, c.up[2].in_channels), (640, 320));
+    }
+
+    #[test]
+    fn each_resnet_takes_its_features_plus_its_skip() {
+        // The conv1 input widths of SDXL base 1.0's UNet weights (same channels as SSD-1B's), e.g.
+        // `up_blocks.0.resnets.2.conv1.weight` is 1280×1920×3×3.
+        let c = unet(SSD1B).unwrap();
+        let c_in = |layers: Vec<LayerConfig>| layers.iter().map(|l| l.c_in).collect::<Vec<_>>();
+        let down: Vec<_> = c.down.iter().map(|b| c_in(b.layers().collect())).collect();
+        assert_eq!(down, [[320, 320], [320, 640], [640, 1280]]);
+        let up: Vec<_> = c.up.iter().map(|b| c_in(b.layers().collect())).collect();
+        assert_eq!(up, [[2560, 2560, 1920], [1920, 1280, 960], [960, 640, 640]]);
+        assert_eq!(
+            c.up[0].layers().map(|l| l.depth).collect::<Vec<_>>(),
+            [4, 4, 10]
+        );
+        assert_eq!(c.mid_channels(), 1280);
+        // An up block's last skip has what came into the down block at its level.
+        for (up, down) in c.up.iter().zip(c.down.iter().rev()) {
+            assert_eq!(up.in_channels, down.in_channels);
+        }
+    }
+
+    #[test]
+    fn an_empty_block_list_is_an_error_not_a_panic() {
+        let json = SSD1B
+            .replace("[320, 640, 1280]", "[]")
+            .replace(
+                r#"["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]"#,
+                "[]",
+            )
+            .replace(
+                r#"["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]"#,
+                "[]",
+            );
+        let err = unet(&json).unwrap_err().to_string();
+        assert!(err.contains("block_out_channels"), "{err}");
     }
 
     #[test]
