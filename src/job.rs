@@ -9,12 +9,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::SchedulerKind;
-
 mod format;
 pub mod message;
+mod sampler;
 pub use format::ImageFormat;
 pub use message::{BadBody, Job, JobId, JobRequest, OutputSpec, parse_job_body};
+pub use sampler::SchedulerKind;
 
 /// Generation parameters as they arrive. Absent fields take the model's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -310,7 +310,7 @@ impl Attention {
 }
 
 /// `FeedForward(activation_fn="geglu")`: `Linear(dim, 2·inner)` → `hidden · gelu(gate)` → `Linear(inner, dim)`.
-/// The GELU is the exact (erf) one; tanh-GELU differs by up to 4.7e-4 (MODEL_NOTES.md).
+/// The GELU is the exact (erf) one; tanh-GELU differs by up to 4.7e-4 (docs/model-notes.md §1).
 struct GegluFeedForward {
     proj: Linear,
     out: Linear,

@@ -3,7 +3,7 @@
 //!
 //! Counted: every convolution, linear layer and attention matmul (2 FLOPs per multiply-add).
 //! Not counted: norms, activations, additions, the time/text embeddings (well under 1%). Checked in
-//! the tests against the figures in MODEL_NOTES.md (SSD-1B 4.21, SDXL 6.76, Vega 2.82 TFLOP per UNet
+//! the tests against the figures in docs/model-notes.md §1 (SSD-1B 4.21, SDXL 6.76, Vega 2.82 TFLOP per UNet
 //! forward at 1024², SDXL VAE decode 10.5 TFLOP).
 
 use super::config::{BlockKind, LayerConfig, MidBlock, UNetConfig, VaeConfig};

@@ -8,6 +8,7 @@
 //! files or image formats.
 
 pub mod attention;
+mod batch;
 pub mod blocks;
 pub mod clip;
 pub mod config;
@@ -26,11 +27,12 @@ pub mod weights;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+pub use batch::{ImageSpec, PhaseTimings, RenderBatch, Rendered};
 pub use config::{ClipConfig, ModelIndex, UNetConfig, VaeConfig};
 pub use denoise::StepProgress;
 pub use scheduler::{SchedulerConfig, SchedulerKind};
@@ -92,80 +94,6 @@ pub struct LoadOptions {
     /// UNet and text-encoder dtype. The VAE uses f32 instead of f16 (it overflows in f16).
     pub dtype: DType,
     pub variant: Variant,
-}
-
-/// One image of a batch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImageSpec {
-    pub prompt: String,
-    /// `None`: zeros when the model sets `force_zeros_for_empty_prompt` (SDXL does), else "".
-    /// `Some("")` encodes the empty string, as diffusers does for an explicit `negative_prompt=""`.
-    pub negative_prompt: Option<String>,
-    pub seed: u64,
-}
-
-/// Images rendered together: one size, step count, sampler and guidance scale.
-#[derive(Debug, Clone)]
-pub struct RenderBatch {
-    pub images: Vec<ImageSpec>,
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
-    pub guidance_scale: f64,
-    pub scheduler: SchedulerKind,
-    /// Explicit unscaled initial latents `(B, 4, h/8, w/8)`, like diffusers' `latents=`; the seeds still
-    /// drive per-step noise.
-    pub latents: Option<Tensor>,
-}
-
-impl ImageSpec {
-    /// One spec per image `g` asks for: image `i` uses `seed + i` and its own noise.
-    pub fn all_of(g: &crate::job::Generation) -> Vec<ImageSpec> {
-        (0..g.num_images)
-            .map(|i| ImageSpec {
-                prompt: g.prompt.clone(),
-                negative_prompt: g.negative_prompt.clone(),
-                seed: g.image_seed(i),
-            })
-            .collect()
-    }
-}
-
-impl RenderBatch {
-    /// `images` rendered with `g`'s size, steps, guidance and sampler, from seeded noise.
-    pub fn new(g: &crate::job::Generation, images: Vec<ImageSpec>) -> Self {
-        Self {
-            images,
-            width: g.width as usize,
-            height: g.height as usize,
-            steps: g.steps as usize,
-            guidance_scale: g.guidance_scale,
-            scheduler: g.scheduler,
-            latents: None,
-        }
-    }
-
-    /// The same batch from explicit initial latents (diffusers' `latents=`).
-    pub fn with_latents(self, latents: Option<Tensor>) -> Self {
-        Self { latents, ..self }
-    }
-}
-
-/// Wall time per phase of one render.
-#[derive(Debug, Clone, Default)]
-pub struct PhaseTimings {
-    pub text_encode: Duration,
-    pub denoise: Duration,
-    pub steps: usize,
-    pub vae_decode: Duration,
-}
-
-#[derive(Debug)]
-pub struct Rendered {
-    pub images: Vec<RgbImage>,
-    /// Per image: the prompt was longer than the 77-token context and was cut.
-    pub truncated: Vec<bool>,
-    pub timings: PhaseTimings,
 }
 
 /// Prompt embeddings for a list of texts.

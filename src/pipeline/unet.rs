@@ -6,7 +6,7 @@
 //! change across denoising steps (pooled text + micro-conditioning time ids → `add_embedding`) is
 //! computed once per batch by [`UNet::conditioning`]; [`UNet::forward`] adds the timestep part.
 //! Sinusoids are computed on the host in f32 as diffusers' `get_timestep_embedding` does (in f16 they
-//! are off by up to 0.27, MODEL_NOTES.md) and only then cast to the model dtype.
+//! are off by up to 0.27, docs/model-notes.md §1) and only then cast to the model dtype.
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;

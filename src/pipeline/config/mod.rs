@@ -3,7 +3,7 @@
 //! Every architectural fact the pipeline uses comes from here: `model_index.json`, `unet/config.json`,
 //! `text_encoder{,_2}/config.json`, `vae/config.json` and `scheduler/scheduler_config.json`. Nothing is
 //! hard-coded per model; SSD-1B, SDXL base 1.0 and Segmind-Vega differ only in these files
-//! (`../shared/MODEL_NOTES.md` has the table). A key the code cannot honour is an error naming the file,
+//! (`docs/model-notes.md` §1 has the table). A key the code cannot honour is an error naming the file,
 //! the key and the value, never a silent default and never a panic.
 //!
 //! This module only parses. The UNet's config, the largest, is in `unet.rs`; weights are found in

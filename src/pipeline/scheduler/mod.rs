@@ -30,53 +30,10 @@ use serde_json::json;
 use super::config::{ConfigError, ConfigFile};
 pub use schedule::Schedule;
 
-/// A sampler name from the job contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SchedulerKind {
-    Euler,
-    EulerAncestral,
-    Ddim,
-    #[serde(rename = "dpmpp_2m")]
-    Dpmpp2m,
-    #[serde(rename = "dpmpp_2m_karras")]
-    Dpmpp2mKarras,
-}
+pub use crate::job::SchedulerKind;
 
+/// What the model side knows of each sampler.
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 5] = [
-        Self::Euler,
-        Self::EulerAncestral,
-        Self::Ddim,
-        Self::Dpmpp2m,
-        Self::Dpmpp2mKarras,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Euler => "euler",
-            Self::EulerAncestral => "euler_ancestral",
-            Self::Ddim => "ddim",
-            Self::Dpmpp2m => "dpmpp_2m",
-            Self::Dpmpp2mKarras => "dpmpp_2m_karras",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    /// The sampler label A1111/ComfyUI-style `parameters` text uses ("Sampler: Euler a").
-    pub fn display_name(self) -> &'static str {
-        match self {
-            Self::Euler => "Euler",
-            Self::EulerAncestral => "Euler a",
-            Self::Ddim => "DDIM",
-            Self::Dpmpp2m => "DPM++ 2M",
-            Self::Dpmpp2mKarras => "DPM++ 2M Karras",
-        }
-    }
-
     /// Our name for a diffusers scheduler class shipped in `model_index.json`, if we have one.
     pub fn from_diffusers_class(class: &str) -> Option<Self> {
         match class {
@@ -90,12 +47,6 @@ impl SchedulerKind {
 
     pub fn is_stochastic(self) -> bool {
         matches!(self, Self::EulerAncestral)
-    }
-}
-
-impl std::fmt::Display for SchedulerKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -307,7 +258,7 @@ mod tests {
 
     #[test]
     fn euler_leading_three_steps_matches_model_notes() {
-        // MODEL_NOTES.md: N = 3 → timesteps [667, 334, 1], sigmas [2.9295, 0.9355, 0.0413, 0],
+        // docs/model-notes.md §4: N = 3 → timesteps [667, 334, 1], sigmas [2.9295, 0.9355, 0.0413, 0],
         // init_noise_sigma 3.0955.
         let s = build(SchedulerKind::Euler, &SchedulerConfig::sdxl_default(), 3);
         assert_eq!(s.timesteps(), &[667.0, 334.0, 1.0]);
