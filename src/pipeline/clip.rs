@@ -9,9 +9,9 @@
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
-use super::attention::attention;
 use super::blocks::{Linear, linear, linear_no_bias};
 use super::config::{ClipActivation, ClipConfig};
+use super::ops::attention;
 
 struct Mlp {
     fc1: Linear,

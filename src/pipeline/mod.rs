@@ -7,16 +7,14 @@
 //! own prompt, negative prompt and seed. This module owns no threads and knows nothing of queues,
 //! files or image formats.
 
-pub mod attention;
 mod batch;
 pub mod blocks;
 pub mod clip;
 pub mod config;
 pub mod cost;
-mod cpu_conv;
-mod cpu_ops;
 pub mod denoise;
 mod norm;
+mod ops;
 pub mod runner;
 pub mod scheduler;
 pub mod tokenizer;

@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu_ops::{Operand, OutPtr, gemm_f32};
+use super::kernels::{Operand, OutPtr, gemm_f32};
 
 /// Shape of one convolution: input `(b, c_in, h, w)`, weight `(c_out, c_in, k, k)`.
 #[derive(Clone, Copy, Debug)]
@@ -77,7 +77,7 @@ struct WinogradScratch {
 
 impl SameConv {
     /// 3×3 convolutions with enough channels run as Winograd F(2×2, 3×3), the rest as im2col.
-    pub(super) fn uses_winograd(&self) -> bool {
+    pub(in crate::pipeline::ops) fn uses_winograd(&self) -> bool {
         self.k == 3 && self.c_in >= WINOGRAD_MIN_CHANNELS && self.c_out >= WINOGRAD_MIN_CHANNELS
     }
 

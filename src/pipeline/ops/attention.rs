@@ -4,13 +4,12 @@
 //! `flash-attn` feature and a half dtype the fused kernel is used; otherwise the textbook form runs with
 //! the softmax in f32 (diffusers' SDPA accumulates in f32 for half inputs too). Masks are additive.
 //! Unmasked f32 attention on CPU (the UNet's and the VAE's) runs as blocked GEMM + softmax tasks
-//! that never build the whole score tensor (`cpu_ops::attention`).
+//! that never build the whole score tensor (`cpu::kernels::attention`).
 //! This file has no weights; projections live with their modules.
 
 use candle_core::{DType, Result, Tensor};
 
-use super::blocks::with_cpu_f32;
-use super::cpu_ops::{self, AttentionShape};
+use super::cpu::{self, AttentionShape, with_cpu_f32};
 
 /// Most elements of one `(B, H, Nq, Nk)` score tensor. cuBLAS's batched GEMM fails
 /// (`CUBLAS_STATUS_EXECUTION_FAILED`, measured on an H100 at 1024², batch 8 with CFG: 16 × 10 heads ×
@@ -109,7 +108,7 @@ fn attention_once(
         let out = with_cpu_f32(q, |qs| {
             with_cpu_f32(k, |ks| {
                 with_cpu_f32(v, |vs| {
-                    Ok(cpu_ops::attention(qs, ks, vs, shape, scale as f32))
+                    Ok(cpu::kernels::attention(qs, ks, vs, shape, scale as f32))
                 })
             })
         })?;

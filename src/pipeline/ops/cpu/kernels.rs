@@ -417,7 +417,7 @@ pub(super) unsafe fn gemm_f32(
 }
 
 /// An output buffer's base pointer, shared by parallel tasks that each write their own disjoint
-/// part of it (attention here, the convolution's bands in `cpu_conv.rs`; see their SAFETY notes).
+/// part of it (attention here, the convolution's bands in `conv.rs`; see their SAFETY notes).
 #[derive(Clone, Copy)]
 pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: tasks only write disjoint elements through it, while the function that created it holds
