@@ -4,6 +4,10 @@
 //! these. Defaults match `diffusers/models/{resnet,attention,attention_processor}.py`; the numbers that
 //! differ between callers (groups, eps) are parameters.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 
@@ -171,6 +175,64 @@ impl Upsample2D {
     }
 }
 
+/// The text context of a UNet call or of a whole render, `(B, 77, cross_attention_dim)`.
+///
+/// A cross-attention layer's keys and values depend on the context alone, which is the same at
+/// every denoising step. A context made with [`TextContext::cached`] keeps each layer's keys and
+/// values from their first use, so a render computes them once instead of once per step (the
+/// values are the same tensors, so results are bit-identical); [`TextContext::once`] computes them
+/// per call, as diffusers does.
+pub struct TextContext {
+    hidden: Tensor,
+    /// Keys and values by the id of the [`Attention`] layer that projected them.
+    kv: Option<Mutex<HashMap<usize, (Tensor, Tensor)>>>,
+}
+
+impl TextContext {
+    pub fn once(hidden: Tensor) -> Self {
+        Self { hidden, kv: None }
+    }
+
+    pub fn cached(hidden: Tensor) -> Self {
+        Self {
+            hidden,
+            kv: Some(Mutex::default()),
+        }
+    }
+
+    pub fn hidden(&self) -> &Tensor {
+        &self.hidden
+    }
+
+    /// How many layers' keys and values are kept (0 for [`TextContext::once`]).
+    pub fn cached_layers(&self) -> usize {
+        self.kv
+            .as_ref()
+            .map_or(0, |m| m.lock().unwrap_or_else(|p| p.into_inner()).len())
+    }
+
+    fn keys_values(
+        &self,
+        layer: usize,
+        project: impl FnOnce(&Tensor) -> Result<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some(kv) = &self.kv else {
+            return project(&self.hidden);
+        };
+        if let Some(hit) = kv.lock().unwrap_or_else(|p| p.into_inner()).get(&layer) {
+            return Ok(hit.clone());
+        }
+        let fresh = project(&self.hidden)?;
+        kv.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(layer, fresh.clone());
+        Ok(fresh)
+    }
+}
+
+/// Ids of [`Attention`] layers, unique in the process, so a [`TextContext`] can tell them apart.
+static NEXT_LAYER_ID: AtomicUsize = AtomicUsize::new(0);
+
 /// diffusers `Attention` with the default processor: q/k/v projections, SDPA, output projection.
 pub(crate) struct Attention {
     to_q: Linear,
@@ -178,6 +240,7 @@ pub(crate) struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    id: usize,
 }
 
 impl Attention {
@@ -202,6 +265,7 @@ impl Attention {
             to_v: proj("to_v", kv_dim)?,
             to_out: linear(query_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
+            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -213,16 +277,29 @@ impl Attention {
             to_v: linear(dim, dim, vb.pp("value"))?,
             to_out: linear(dim, dim, vb.pp("proj_attn"))?,
             heads: 1,
+            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let ctx = context.unwrap_or(x);
+    /// Self-attention over `x`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (k, v) = (self.to_k.forward(x)?, self.to_v.forward(x)?);
+        self.attend(x, &k, &v)
+    }
+
+    /// Cross-attention from `x` to the text context (its keys and values cached there when it
+    /// caches them).
+    fn forward_cross(&self, x: &Tensor, context: &TextContext) -> Result<Tensor> {
+        let (k, v) = context.keys_values(self.id, |ctx| {
+            Ok((self.to_k.forward(ctx)?, self.to_v.forward(ctx)?))
+        })?;
+        self.attend(x, &k, &v)
+    }
+
+    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(ctx)?;
-        let v = self.to_v.forward(ctx)?;
         self.to_out
-            .forward(&ops::attention(&q, &k, &v, self.heads, None)?)
+            .forward(&ops::attention(&q, k, v, self.heads, None)?)
     }
 }
 
@@ -271,11 +348,11 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+    fn forward(&self, x: &Tensor, context: &TextContext) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?)? + x)?;
         let x = (self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
+            .forward_cross(&self.norm2.forward(&x)?, context)?
             + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
@@ -317,7 +394,7 @@ impl Transformer2D {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, context: &TextContext) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = self
             .norm

@@ -123,6 +123,8 @@ pub fn denoise(
     let mut x = (inputs.latents.to_dtype(DType::F32).map_err(model_err(0))?
         * sampler.init_noise_sigma())
     .map_err(model_err(0))?;
+    // The text context is the same at every step: project it for cross-attention once.
+    let context = unet.text_context(inputs.context).map_err(model_err(0))?;
     for i in 0..total {
         let t = sampler.timesteps()[i];
         let step = || -> Result<Tensor> {
@@ -133,7 +135,7 @@ pub fn denoise(
             };
             let input = sampler.scale_model_input(&input, i)?;
             let out = unet
-                .forward(&input, t, inputs.context, inputs.conditioning)?
+                .forward_with(&input, t, &context, inputs.conditioning)?
                 .to_dtype(DType::F32)?;
             if guided {
                 let halves = out.chunk(2, 0)?;

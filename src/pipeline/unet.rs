@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 
 use super::blocks::{Linear, linear};
 
+pub use super::blocks::TextContext;
 use super::blocks::{
     Conv, Downsample2D, ResnetBlock2D, ResnetParams, Transformer2D, Upsample2D, conv3x3,
 };
@@ -70,7 +71,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, temb: &Tensor, context: &TextContext) -> Result<Tensor> {
         let x = self.resnet.forward(x, Some(temb))?;
         match &self.attention {
             Some(a) => a.forward(&x, context),
@@ -320,6 +321,8 @@ impl UNet {
     }
 
     /// Predicts the noise: `sample` `(B, 4, h, w)` at `timestep`, `context` `(B, 77, cross_dim)`.
+    /// Every call projects the context again; a render uses [`UNet::text_context`] and
+    /// [`UNet::forward_with`] instead.
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -327,8 +330,25 @@ impl UNet {
         context: &Tensor,
         cond: &Conditioning,
     ) -> Result<Tensor> {
+        let context = TextContext::once(context.to_dtype(self.dtype)?);
+        self.forward_with(sample, timestep, &context, cond)
+    }
+
+    /// The text context of a render, in the UNet's dtype, keeping every cross-attention layer's
+    /// keys and values from the first step for the later ones.
+    pub fn text_context(&self, context: &Tensor) -> Result<TextContext> {
+        Ok(TextContext::cached(context.to_dtype(self.dtype)?))
+    }
+
+    /// [`UNet::forward`] with a context made by [`UNet::text_context`].
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &TextContext,
+        cond: &Conditioning,
+    ) -> Result<Tensor> {
         let sample = sample.to_dtype(self.dtype)?;
-        let context = context.to_dtype(self.dtype)?;
         let emb = self
             .time_embedding(&[timestep])?
             .broadcast_add(&cond.aug_emb)?;
@@ -339,7 +359,7 @@ impl UNet {
         let mut skips = vec![x.clone()];
         for block in &self.down {
             for layer in &block.layers {
-                x = layer.forward(&x, &temb, &context)?;
+                x = layer.forward(&x, &temb, context)?;
                 skips.push(x.clone());
             }
             if let Some(d) = &block.downsample {
@@ -351,7 +371,7 @@ impl UNet {
         x = match &self.mid {
             Mid::CrossAttn(m) => {
                 let h = m.resnet_1.forward(&x, Some(&temb))?;
-                let h = m.attention.forward(&h, &context)?;
+                let h = m.attention.forward(&h, context)?;
                 m.resnet_2.forward(&h, Some(&temb))?
             }
             Mid::ResnetOnly(r) => r.forward(&x, Some(&temb))?,
@@ -365,7 +385,7 @@ impl UNet {
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("UNet skip stack empty".into()))?;
                 x = Tensor::cat(&[&x, &skip], 1)?;
-                x = layer.forward(&x, &temb, &context)?;
+                x = layer.forward(&x, &temb, context)?;
             }
             if let Some(u) = &block.upsample {
                 // Up-sample to the next skip's size (equal to ×2 unless the latent size is odd somewhere).

@@ -46,7 +46,7 @@ impl MidAttention {
                 .reshape((1, c, h * w))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let t = self.attn.forward(&t, None)?;
+            let t = self.attn.forward(&t)?;
             out.push(t.transpose(1, 2)?.reshape((1, c, h, w))?);
         }
         Tensor::cat(&out, 0)? + x

@@ -153,6 +153,52 @@ fn one_unet_forward_matches_on_a_cfg_batch() {
     }
 }
 
+/// A render projects the text context for cross-attention once (`UNet::text_context`) and reuses
+/// the keys and values at every step: the same UNet outputs to the last bit as projecting them per
+/// call, at two timesteps, with every cross-attention layer's projections kept after the first.
+#[test]
+fn cross_attention_keys_and_values_are_projected_once_per_render() {
+    for name in MODELS {
+        let r = Reference::load(name);
+        let p = load_pipeline(name, DType::F32, Variant::Auto);
+        let ids = r.get("unet.time_ids").to_vec2::<f32>().unwrap();
+        let ids: Vec<[f64; 6]> = ids
+            .iter()
+            .map(|row| std::array::from_fn(|i| row[i] as f64))
+            .collect();
+        let unet = p.unet();
+        let cond = unet.conditioning(r.get("unet.text_embeds"), &ids).unwrap();
+        let hidden = r.get("unet.encoder_hidden_states");
+        let context = unet.text_context(hidden).unwrap();
+        assert_eq!(context.cached_layers(), 0);
+        let mut layers = None;
+        for t in [999.0, 499.0] {
+            let fresh = unet
+                .forward(r.get("unet.sample"), t, hidden, &cond)
+                .unwrap();
+            let cached = unet
+                .forward_with(r.get("unet.sample"), t, &context, &cond)
+                .unwrap();
+            let diff = (&fresh - &cached)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{name} at t={t}");
+            let kept = context.cached_layers();
+            assert!(kept > 0, "{name}: the tiny UNets have cross-attention");
+            assert_eq!(
+                *layers.get_or_insert(kept),
+                kept,
+                "{name}: nothing projected twice"
+            );
+        }
+    }
+}
+
 #[test]
 fn vae_decoder_matches() {
     for name in MODELS {
