@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use crate::cli::{BenchArgs, UsageError};
 use crate::config::ModelConfig;
 use crate::job::{Generation, Limits, ModelDefaults};
+use crate::pipeline::ops::profile::{self, Op, Phase, Profile};
 use crate::pipeline::{ImageSpec, Pipeline, RenderBatch, cost};
 
 /// The prompt every benchmark image renders (its length, not its words, sets the text encoders' cost).
@@ -22,6 +23,58 @@ const PROMPT: &str = "a photo of an astronaut riding a horse on the moon";
 
 /// `t2i bench`'s default step count: enough steps for a stable s/step, few enough for a CPU.
 const DEFAULT_STEPS: u32 = 4;
+
+/// One op category (or "other": the phase's time outside the ops) in one phase.
+#[derive(Debug, serde::Serialize)]
+struct ProfileRow {
+    phase: &'static str,
+    op: &'static str,
+    /// Milliseconds per UNet step (denoise) or per render (text encode, VAE decode).
+    ms: f64,
+    calls: f64,
+    /// Share of the phase's wall time.
+    percent: f64,
+}
+
+/// Profile totals over `runs` renders of `steps` steps → rows per step / per render, with each
+/// phase's unaccounted time as "other". `phase_s` are the measured phase times in the same units.
+fn profile_rows(p: &Profile, runs: usize, steps: usize, phase_s: [f64; 3]) -> Vec<ProfileRow> {
+    let mut rows = Vec::new();
+    for (phase, wall_s) in Phase::ALL.into_iter().zip(phase_s) {
+        let per = match phase {
+            Phase::Denoise => (runs * steps) as f64,
+            _ => runs as f64,
+        };
+        let wall_ms = wall_s * 1e3;
+        let share = |ms: f64| {
+            if wall_ms > 0.0 {
+                100.0 * ms / wall_ms
+            } else {
+                0.0
+            }
+        };
+        for op in Op::ALL {
+            let t = p.get(phase, op);
+            let ms = t.time.as_secs_f64() * 1e3 / per;
+            rows.push(ProfileRow {
+                phase: phase.name(),
+                op: op.name(),
+                ms,
+                calls: t.calls as f64 / per,
+                percent: share(ms),
+            });
+        }
+        let other = (wall_ms - p.phase_total(phase).as_secs_f64() * 1e3 / per).max(0.0);
+        rows.push(ProfileRow {
+            phase: phase.name(),
+            op: "other",
+            ms: other,
+            calls: 0.0,
+            percent: share(other),
+        });
+    }
+    rows
+}
 
 /// One batch size's figures.
 #[derive(Debug, serde::Serialize)]
@@ -43,12 +96,19 @@ struct Row {
     s_per_image: f64,
     images_per_s: f64,
     unet_tflops: f64,
+    /// With `--profile`: time per op and phase (per UNet step for the denoise phase, per render
+    /// otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    profile: Option<Vec<ProfileRow>>,
     peak_rss_gib: f64,
     device_mem_gib: Option<f64>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let model = ModelConfig::from_args(&args.model)?;
+    if args.profile {
+        profile::set_enabled(true);
+    }
     if args.batch_sizes.contains(&0) || args.runs == 0 {
         return Err(UsageError("--batch-sizes and --runs must be at least 1".into()).into());
     }
@@ -123,6 +183,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             p.render(&batch, &mut |_| ControlFlow::Continue(()))
                 .context("warm-up render")?;
         }
+        // What the warm-up renders counted is not part of the profile.
+        let _ = profile::take();
         let (mut encode, mut step, mut vae, mut total) = (0.0, 0.0, 0.0, 0.0);
         for _ in 0..args.runs {
             let start = Instant::now();
@@ -142,6 +204,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let n = args.runs as f64;
         let (encode, step, vae, total) = (encode / n, step / n, vae / n, total / n);
         let rows_per_step = batch_size as f64 * if cfg { 2.0 } else { 1.0 };
+        let ops = profile::is_enabled()
+            .then(|| profile_rows(&profile::take(), args.runs, steps, [encode, step, vae]));
         let row = Row {
             implementation: "t2i",
             model: model.spec.clone(),
@@ -160,6 +224,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             s_per_image: total / batch_size as f64,
             images_per_s: batch_size as f64 / total,
             unet_tflops: flops_per_sample * rows_per_step / step / 1e12,
+            profile: ops,
             peak_rss_gib: peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64,
             device_mem_gib: device_peak.map(|b| b as f64 / (1u64 << 30) as f64),
         };
@@ -180,9 +245,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 row.device_mem_gib
                     .map_or("-".to_string(), |g| format!("{g:.2}")),
             );
+            if let Some(rows) = &row.profile {
+                print_profile(rows);
+            }
         }
     }
     Ok(())
+}
+
+/// The profile under its batch size's row: one line per op with time in any phase.
+fn print_profile(rows: &[ProfileRow]) {
+    println!(
+        "      {:<12} {:<11} {:>10} {:>8} {:>7}",
+        "phase", "op", "ms", "calls", "%"
+    );
+    for r in rows.iter().filter(|r| r.ms > 0.0 || r.calls > 0.0) {
+        let unit = if r.phase == Phase::Denoise.name() {
+            "/step"
+        } else {
+            ""
+        };
+        println!(
+            "      {:<12} {:<11} {:>10.2} {:>8.1} {:>6.1}%",
+            format!("{}{unit}", r.phase),
+            r.op,
+            r.ms,
+            r.calls,
+            r.percent
+        );
+    }
 }
 
 /// High-water resident set size of this process (Linux `VmHWM`).

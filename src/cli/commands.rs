@@ -174,6 +174,12 @@ pub struct BenchArgs {
     /// Print one JSON object per batch size instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    /// Also time every op (convolution, linear, group norm, GEGLU, attention) per phase, with the
+    /// device synchronised around each op (slower than an unprofiled run; `T2I_PROFILE=1` does
+    /// the same for any subcommand).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Debug, Args)]

@@ -14,7 +14,7 @@ pub mod config;
 pub mod cost;
 pub mod denoise;
 mod norm;
-mod ops;
+pub mod ops;
 pub mod runner;
 pub mod scheduler;
 pub mod tokenizer;
@@ -122,6 +122,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Loads every component of the diffusers folder `root` (already resolved from a repo id).
     pub fn load(root: &Path, opts: &LoadOptions) -> Result<Self, PipelineError> {
+        ops::profile::enable_from_env();
         let index = ModelIndex::load(root)?;
         let unet_config = UNetConfig::load(&root.join("unet/config.json"))?;
         let te1_config = ClipConfig::load(&root.join("text_encoder/config.json"))?;
@@ -404,6 +405,7 @@ impl Pipeline {
     ) -> Result<Rendered, PipelineError> {
         let mut timings = PhaseTimings::default();
         let t0 = Instant::now();
+        let phase = ops::profile::phase(ops::profile::Phase::TextEncode);
         let (context, pooled, truncated) = self.encode_batch(batch)?;
         let guided = denoise::uses_guidance(batch.guidance_scale);
         let rows = if guided {
@@ -425,6 +427,8 @@ impl Pipeline {
         timings.text_encode = t0.elapsed();
 
         let t1 = Instant::now();
+        drop(phase);
+        let phase = ops::profile::phase(ops::profile::Phase::Denoise);
         let latents = self.initial_latents(batch, noise)?;
         let mut sampler = scheduler::build(batch.scheduler, &self.scheduler_config, batch.steps);
         let inputs = DenoiseInputs {
@@ -448,6 +452,8 @@ impl Pipeline {
         timings.steps = batch.steps;
 
         let t2 = Instant::now();
+        drop(phase);
+        let _phase = ops::profile::phase(ops::profile::Phase::VaeDecode);
         let images = self.decode(&latents)?;
         timings.vae_decode = t2.elapsed();
         Ok(Rendered {

@@ -511,6 +511,59 @@ fn repo_ids_download_only_the_needed_files_from_the_hub_then_work_offline() {
     );
 }
 
+/// `t2i bench --profile`: every op category of every phase, per UNet step for the denoise phase;
+/// the ops the tiny UNet runs are all counted, and the shares of a phase never exceed its time.
+#[test]
+fn bench_profile_times_every_op_per_phase() {
+    let model = model_dir("ssd-1b-tiny");
+    let out = t2i(&[
+        "bench",
+        "--model",
+        path_str(&model),
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--json",
+        "--profile",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let profile = row["profile"].as_array().expect("a profile");
+    assert_eq!(
+        profile.len(),
+        3 * 6,
+        "5 ops and `other` in 3 phases: {profile:?}"
+    );
+    let get = |phase: &str, op: &str| {
+        profile
+            .iter()
+            .find(|r| r["phase"] == phase && r["op"] == op)
+            .unwrap_or_else(|| panic!("{phase}/{op} in {profile:?}"))
+    };
+    for op in ["conv2d", "linear", "group_norm", "geglu", "attention"] {
+        let r = get("denoise", op);
+        assert!(
+            r["ms"].as_f64().unwrap() > 0.0 && r["calls"].as_f64().unwrap() >= 1.0,
+            "{r}"
+        );
+    }
+    assert!(get("vae_decode", "conv2d")["calls"].as_f64().unwrap() >= 1.0);
+    assert!(get("text_encode", "attention")["calls"].as_f64().unwrap() >= 1.0);
+    for phase in ["text_encode", "denoise", "vae_decode"] {
+        let percent: f64 = profile
+            .iter()
+            .filter(|r| r["phase"] == phase)
+            .map(|r| r["percent"].as_f64().unwrap())
+            .sum();
+        assert!(percent <= 100.5, "{phase}: {percent}%");
+    }
+}
+
 /// The benchmark in smoke mode (tiny model, 64², 2 steps, batch 1 and 2, CFG): every figure is printed
 /// and consistent. Speed is measured by `t2i bench` on real models, never asserted here.
 #[test]

@@ -10,18 +10,20 @@
 //! | [`geglu`] | one pass, exact erf | chunk, `gelu_erf`, multiply |
 //! | [`attention`] | blocked GEMM + softmax tasks, unmasked | flash-attn (CUDA, half, feature `flash-attn`), else the textbook form |
 //!
-//! The CPU kernels are in [`cpu`]; new device kernels get a folder of their own beside it, behind a
+//! With profiling on ([`profile`]) every op is timed by category and pipeline phase. The CPU kernels
+//! are in [`cpu`]; new device kernels get a folder of their own beside it, behind a
 //! run-time switch whose default is the proven path above. Every kernel here computes each image
 //! of a batch independently of the others.
 
 mod attention;
 mod cpu;
+pub mod profile;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Conv2dConfig;
 
-pub(crate) use attention::attention;
 use cpu::SameConv;
+use profile::{Op, span};
 
 /// The dtype a convolution's weights are loaded in for compute dtype `dtype` on `device`. candle's
 /// CPU backend has no bf16 convolution kernel, so on CPU in bf16 the weights stay f32 and
@@ -44,11 +46,21 @@ pub(crate) fn conv2d(
     bias: Option<&Tensor>,
     cfg: Conv2dConfig,
 ) -> Result<Tensor> {
+    let _span = span(Op::Conv2d, x.device());
     if x.dtype() != weight.dtype() {
         let dtype = x.dtype();
         let wide = x.to_dtype(weight.dtype())?;
-        return conv2d(&wide, weight, bias, cfg)?.to_dtype(dtype);
+        return conv2d_same_dtype(&wide, weight, bias, cfg)?.to_dtype(dtype);
     }
+    conv2d_same_dtype(x, weight, bias, cfg)
+}
+
+fn conv2d_same_dtype(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: Conv2dConfig,
+) -> Result<Tensor> {
     if let Some(shape) = same_conv_on_cpu(x, weight, &cfg)? {
         return cpu::conv2d(x, weight, bias, shape);
     }
@@ -81,6 +93,7 @@ fn same_conv_on_cpu(x: &Tensor, weight: &Tensor, cfg: &Conv2dConfig) -> Result<O
 
 /// `x · weightᵀ + bias` over the last dimension (PyTorch `Linear` weights, `(out, in)`).
 pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _span = span(Op::Linear, x.device());
     let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32;
     if cpu_f32 {
         return cpu::linear(x, weight, bias);
@@ -98,6 +111,7 @@ pub(crate) fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    let _span = span(Op::GroupNorm, x.device());
     let cpu_f32 = x.device().is_cpu()
         && x.dtype() == DType::F32
         && weight.dtype() == DType::F32
@@ -111,9 +125,22 @@ pub(crate) fn group_norm(
     if silu { y.silu() } else { Ok(y) }
 }
 
+/// `softmax(q kᵀ / sqrt(d) + mask) v` over `heads` heads ([`attention::attention`]).
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let _span = span(Op::Attention, q.device());
+    attention::attention(q, k, v, heads, mask)
+}
+
 /// diffusers' `GEGLU` after its projection: `h` is `(..., 2·inner)`, the result
 /// `hidden · gelu_erf(gate)` is `(..., inner)`, with `hidden, gate = h.chunk(2, -1)`.
 pub(crate) fn geglu(h: &Tensor) -> Result<Tensor> {
+    let _span = span(Op::Geglu, h.device());
     let width = h.dims().last().copied().unwrap_or(0);
     if h.device().is_cpu() && h.dtype() == DType::F32 && width > 0 && width % 2 == 0 {
         return cpu::geglu(h);
