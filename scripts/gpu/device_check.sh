@@ -3,8 +3,9 @@
 #   .gpu/t2i.xz, .gpu/run-t2i.sh     the CUDA build (scripts/build-cuda.sh, features cuda,cudnn), xz-compressed
 #   .gpu/whl/diffusers-*.whl         diffusers for the reference side (PyTorch is on the machine)
 # 1. GPU-vs-diffusers agreement on the tiny fixtures (f32 and bf16) through `t2i generate`.
-# 2. A full-size random-weight SSD-1B generated there, then `t2i bench` and diffusers at 1024², 25 Euler
-#    steps, CFG, bf16, in the same call. Results go to $OUT.
+# 2. A full-size random-weight SSD-1B generated there; the per-op profile of t2i at 1024², batch 1
+#    (`t2i bench --profile`: every op synchronised, so slower than the timed run), then `t2i bench`
+#    and diffusers at 1024², 25 Euler steps, CFG, bf16, in the same call. Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/t2i-device-out}; mkdir -p "$OUT"
 STEPS=${STEPS:-25}; BATCHES=${BATCHES:-1,4,8}
@@ -22,6 +23,9 @@ start=$(date +%s)
 (cd scripts/parity && timeout 180 python3 make_random_model.py --arch ssd-1b --out /tmp/ssd-1b-random) 2>&1 | grep -v Warning | tail -2
 echo "model written in $(( $(date +%s) - start )) s"
 ARGS="--model /tmp/ssd-1b-random --device cuda --dtype bf16 --width 1024 --height 1024 --steps $STEPS --batch-sizes $BATCHES --warmup 1 --runs 1 --json"
+echo "== t2i per-op profile, batch 1, 3 steps"
+timeout 120 "$T2I" bench --model /tmp/ssd-1b-random --device cuda --dtype bf16 --width 1024 --height 1024 \
+  --steps 3 --batch-sizes 1 --warmup 1 --runs 1 --profile 2>&1 | tee "$OUT/t2i_profile.txt"
 echo "== diffusers"
 timeout 120 python3 scripts/bench/diffusers_bench.py $ARGS 2>&1 | grep -v Warning | tee "$OUT/diffusers_bench.jsonl"
 echo "== t2i bench"
