@@ -89,6 +89,8 @@ struct Row {
     batch: usize,
     cfg: bool,
     load_s: f64,
+    /// Per component: tensors, bytes, time in reads, in building tensors, and in all.
+    load: Vec<crate::pipeline::ComponentLoad>,
     text_encode_s: f64,
     step_s: f64,
     vae_decode_s: f64,
@@ -155,6 +157,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
             steps,
             if cfg { "on" } else { "off" }
         );
+        for c in p.load_report() {
+            println!(
+                "  load {:<15} {:>8.2}s: read {:.2}s, tensors {:.2}s, {} tensors, {:.2} GiB",
+                c.component,
+                c.total.as_secs_f64(),
+                c.read.as_secs_f64(),
+                c.convert.as_secs_f64(),
+                c.tensors,
+                c.bytes as f64 / (1u64 << 30) as f64
+            );
+        }
         println!(
             "{:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9}",
             "batch",
@@ -217,6 +230,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             batch: batch_size,
             cfg,
             load_s,
+            load: p.load_report().to_vec(),
             text_encode_s: encode,
             step_s: step,
             vae_decode_s: vae,

@@ -28,13 +28,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 
 pub use batch::{ImageSpec, PhaseTimings, RenderBatch, Rendered};
 pub use config::{ClipConfig, ModelIndex, UNetConfig, VaeConfig};
 pub use denoise::StepProgress;
 pub use scheduler::{SchedulerConfig, SchedulerKind};
-pub use weights::{ModelSourceError, Variant};
+pub use weights::{ComponentLoad, ModelSourceError, Variant};
 
 use clip::ClipTextEncoder;
 use denoise::{DenoiseError, DenoiseInputs, SeededNoise};
@@ -117,6 +118,7 @@ pub struct Pipeline {
     scheduler_config: SchedulerConfig,
     device: Device,
     dtype: DType,
+    load_report: Vec<ComponentLoad>,
 }
 
 impl Pipeline {
@@ -161,35 +163,53 @@ impl Pipeline {
         } else {
             dtype
         };
-        let vb = |component: &'static str, stem: &str, dt: DType| -> Result<_, PipelineError> {
-            let dir = root.join(component);
-            let files = weights::weight_files(&dir, stem, opts.variant, dtype)?;
-            let vb = weights::var_builder(&files, dt, &opts.device).map_err(|source| {
-                PipelineError::LoadWeights {
-                    component,
-                    path: dir.clone(),
-                    source,
-                }
-            })?;
-            Ok((vb, dir))
-        };
-        let load_err = |component: &'static str, path: PathBuf| {
-            move |source| PipelineError::LoadWeights {
+        let vb =
+            |component: &'static str, stem: &str, dt: DType| -> Result<_, PipelineError> {
+                let dir = root.join(component);
+                let files = weights::weight_files(&dir, stem, opts.variant, dtype)?;
+                let (vb, stats) = weights::var_builder(&files, dt, &opts.device, component)
+                    .map_err(|source| PipelineError::LoadWeights {
+                        component,
+                        path: dir.clone(),
+                        source,
+                    })?;
+                Ok((vb, stats, dir))
+            };
+        // Builds one component and records where its time went.
+        fn build<T>(
+            (vb, stats, dir): (VarBuilder<'static>, weights::LoadStats, PathBuf),
+            component: &'static str,
+            load: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+        ) -> Result<(T, ComponentLoad), PipelineError> {
+            let started = Instant::now();
+            let built = load(vb).map_err(|source| PipelineError::LoadWeights {
                 component,
-                path,
+                path: dir,
                 source,
-            }
-        };
-        let (v, dir) = vb("text_encoder", "model", dtype)?;
-        let text_encoder_1 =
-            ClipTextEncoder::load(v, &te1_config, false).map_err(load_err("text_encoder", dir))?;
-        let (v, dir) = vb("text_encoder_2", "model", dtype)?;
-        let text_encoder_2 =
-            ClipTextEncoder::load(v, &te2_config, true).map_err(load_err("text_encoder_2", dir))?;
-        let (v, dir) = vb("unet", "diffusion_pytorch_model", dtype)?;
-        let unet = UNet::load(v, &unet_config).map_err(load_err("unet", dir))?;
-        let (v, dir) = vb("vae", "diffusion_pytorch_model", vae_dtype)?;
-        let vae = VaeDecoder::load(v, &vae_config).map_err(load_err("vae", dir))?;
+            })?;
+            let mut report = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            report.total = started.elapsed();
+            Ok((built, report))
+        }
+        let (text_encoder_1, te1) =
+            build(vb("text_encoder", "model", dtype)?, "text_encoder", |v| {
+                ClipTextEncoder::load(v, &te1_config, false)
+            })?;
+        let (text_encoder_2, te2) = build(
+            vb("text_encoder_2", "model", dtype)?,
+            "text_encoder_2",
+            |v| ClipTextEncoder::load(v, &te2_config, true),
+        )?;
+        let (unet, unet_load) =
+            build(vb("unet", "diffusion_pytorch_model", dtype)?, "unet", |v| {
+                UNet::load(v, &unet_config)
+            })?;
+        let (vae, vae_load) = build(
+            vb("vae", "diffusion_pytorch_model", vae_dtype)?,
+            "vae",
+            |v| VaeDecoder::load(v, &vae_config),
+        )?;
+        let load_report = vec![te1, te2, unet_load, vae_load];
         Ok(Self {
             root: root.to_path_buf(),
             index,
@@ -204,7 +224,13 @@ impl Pipeline {
             scheduler_config,
             device: opts.device.clone(),
             dtype,
+            load_report,
         })
+    }
+
+    /// Where each component's load time went.
+    pub fn load_report(&self) -> &[ComponentLoad] {
+        &self.load_report
     }
 
     pub fn root(&self) -> &Path {

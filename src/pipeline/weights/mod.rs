@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 
-pub(crate) use reader::var_builder;
+pub use reader::ComponentLoad;
+pub(crate) use reader::{LoadStats, var_builder};
 
 /// The components of an SDXL-family pipeline, with their weight-file stems.
 pub(crate) const COMPONENTS: [(&str, &str); 4] = [
@@ -488,7 +489,8 @@ mod tests {
         candle_core::safetensors::save(&[("a", a.clone()), ("b", b.clone())].into(), &one).unwrap();
         candle_core::safetensors::save(&[("c", c.clone())].into(), &two).unwrap();
 
-        let vb = var_builder(&[one.clone(), two.clone()], DType::F32, &dev).unwrap();
+        let (vb, stats) =
+            var_builder(&[one.clone(), two.clone()], DType::F32, &dev, "test").unwrap();
         let got = vb.get((3, 4), "a").unwrap();
         assert_eq!(got.to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
         // Stored bf16, converted to the builder's dtype.
@@ -501,19 +503,24 @@ mod tests {
         let err = vb.get((4, 3), "a").unwrap_err().to_string();
         assert!(err.contains("shape mismatch for a"), "{err}");
         assert!(vb.get(Shape::from(1), "d").is_err());
+        // Three tensors read (the mismatched and the missing ones are refused before reading):
+        // 12 f32, 2 bf16 and 3 u32 values.
+        let stats = stats.lock().unwrap().clone();
+        assert_eq!((stats.component, stats.tensors), ("test", 3));
+        assert_eq!(stats.bytes, 12 * 4 + 2 * 2 + 3 * 4);
 
         // A truncated download and a file that is not safetensors at all.
         let bytes = std::fs::read(&one).unwrap();
         let cut = dir.path().join("cut.safetensors");
         std::fs::write(&cut, &bytes[..bytes.len() - 4]).unwrap();
-        let err = var_builder(&[cut], DType::F32, &dev)
+        let err = var_builder(&[cut], DType::F32, &dev, "test")
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("truncated"), "{err}");
         let junk = dir.path().join("junk.safetensors");
         std::fs::write(&junk, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
-        let err = var_builder(&[junk], DType::F32, &dev)
+        let err = var_builder(&[junk], DType::F32, &dev, "test")
             .err()
             .unwrap()
             .to_string();

@@ -3,9 +3,35 @@
 //! module; headers are parsed and checked by the `safetensors` crate.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+
+/// Where one component's load time went, for `t2i bench` and the load log line.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ComponentLoad {
+    pub component: &'static str,
+    pub tensors: usize,
+    pub bytes: u64,
+    /// In positioned reads from the files (page cache or disk).
+    #[serde(serialize_with = "secs")]
+    pub read: Duration,
+    /// Building tensors from the bytes read: dtype conversion, the copy to the device.
+    #[serde(serialize_with = "secs")]
+    pub convert: Duration,
+    /// The whole component, building its layers included (wall time; components may overlap).
+    #[serde(serialize_with = "secs")]
+    pub total: Duration,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// Shared between a component's backend and its loader, which reads it when the component is built.
+pub(crate) type LoadStats = Arc<Mutex<ComponentLoad>>;
 
 /// A component's safetensors files as a candle `VarBuilder` converting to `dtype` (see
 /// [`SafetensorsFiles`]).
@@ -13,13 +39,16 @@ pub(crate) fn var_builder(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
-) -> candle_core::Result<VarBuilder<'static>> {
-    let backend = SafetensorsFiles::open(files)?;
-    Ok(VarBuilder::from_backend(
-        Box::new(backend),
-        dtype,
-        device.clone(),
-    ))
+    component: &'static str,
+) -> candle_core::Result<(VarBuilder<'static>, LoadStats)> {
+    let mut backend = SafetensorsFiles::open(files)?;
+    let stats = LoadStats::new(Mutex::new(ComponentLoad {
+        component,
+        ..ComponentLoad::default()
+    }));
+    backend.stats = stats.clone();
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    Ok((vb, stats))
 }
 
 /// Safetensors files read one tensor at a time with positioned reads, instead of candle's
@@ -32,6 +61,7 @@ struct SafetensorsFiles {
     files: Vec<std::fs::File>,
     /// Name → (file index, dtype, shape, absolute byte range in that file).
     tensors: std::collections::HashMap<String, StoredTensor>,
+    stats: LoadStats,
 }
 
 struct StoredTensor {
@@ -106,7 +136,11 @@ impl SafetensorsFiles {
             }
             files.push(file);
         }
-        Ok(Self { files, tensors })
+        Ok(Self {
+            files,
+            tensors,
+            stats: LoadStats::default(),
+        })
     }
 
     /// The named tensor, on `device`, converted to `dtype`.
@@ -123,13 +157,22 @@ impl SafetensorsFiles {
             }
             .bt()
         })?;
+        let started = Instant::now();
         let mut bytes = vec![0u8; stored.len];
         self.files[stored.file]
             .read_exact_at(&mut bytes, stored.start)
             .map_err(|e| candle_core::Error::Msg(format!("cannot read tensor {name}: {e}")))?;
+        let read = started.elapsed();
         // The format is little-endian, as every target this builds for.
-        candle_core::Tensor::from_raw_buffer(&bytes, stored.dtype, &stored.shape, device)?
-            .to_dtype(dtype)
+        let tensor =
+            candle_core::Tensor::from_raw_buffer(&bytes, stored.dtype, &stored.shape, device)?
+                .to_dtype(dtype)?;
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.tensors += 1;
+        stats.bytes += stored.len as u64;
+        stats.read += read;
+        stats.convert += started.elapsed() - read;
+        Ok(tensor)
     }
 }
 
