@@ -328,6 +328,18 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_its_successor_overwrites_id
             .await,
         "jobs lost"
     );
+    // Both workers announce as one deployment: one CloudEvents source, the worker in the data, so
+    // a job announced by each is one event (source + id) to CloudEvents consumers.
+    let source = format!("/t2i-worker/{}", world.prefix);
+    let workers: HashSet<&str> = world.seen.iter().map(|e| e.data.worker.as_str()).collect();
+    assert_eq!(workers, HashSet::from(["w1", "w2"]));
+    for e in &world.seen {
+        assert_eq!(e.source, source, "{} of {}", e.kind, e.subject);
+        assert_eq!(
+            e.dataschema.as_deref(),
+            Some(t2i_worker::events::DATA_SCHEMA)
+        );
+    }
     let client = s3().await;
     for id in &ids {
         let events: Vec<&CloudEvent> = world
