@@ -19,7 +19,7 @@ pub struct WorkerConfig {
     pub amqp_url: String,
     pub topology: Topology,
     pub storage: String,
-    pub force_path_style: Option<bool>,
+    pub s3: crate::storage::S3Options,
     pub model: ModelConfig,
     pub limits: Limits,
     /// Most images per device batch.
@@ -222,7 +222,7 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         amqp_url: args.broker.amqp_url.clone(),
         topology: topology(&args.broker)?,
         storage: args.storage.storage.clone(),
-        force_path_style: args.storage.s3_force_path_style,
+        s3: args.storage.s3_options(),
         model: ModelConfig::from_args(&args.model)?,
         limits,
         max_batch: args.max_batch,

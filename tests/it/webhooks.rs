@@ -291,6 +291,7 @@ async fn webhooks_are_signed_retried_and_guarded() {
 async fn gateway_generates_queues_and_reports_errors() {
     let _g = serial().await;
     let world = World::new("gateway").await;
+    let public = crate::broker::public_garage_endpoint();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let _gateway = spawn_t2i(
@@ -305,12 +306,15 @@ async fn gateway_generates_queues_and_reports_errors() {
             "s3cret".into(),
             "--min-side".into(),
             "32".into(),
+            "--s3-public-endpoint".into(),
+            public.clone(),
         ],
         &dir.path().join("gateway.log"),
     );
     let base = format!("http://127.0.0.1:{port}");
     wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(30)).await;
-    let worker = WorkerProc::spawn(&world, "w1", &[]);
+    // As in docker/compose.yaml: the worker presigns for the name clients use, not its own.
+    let worker = WorkerProc::spawn(&world, "w1", &["--s3-public-endpoint", &public]);
     let http = reqwest::Client::new();
     let post = |path: &str, body: Vec<u8>, token: Option<&str>| {
         let mut r = http
@@ -337,6 +341,10 @@ async fn gateway_generates_queues_and_reports_errors() {
     let v: Value = json(r).await;
     assert_eq!(v["status"], "succeeded");
     let url = v["image_url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("{public}/")),
+        "presigned for the public endpoint: {url}"
+    );
     let png = reqwest::get(url).await.unwrap().bytes().await.unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert_eq!(
