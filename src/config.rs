@@ -19,7 +19,7 @@ pub struct WorkerConfig {
     pub amqp_url: String,
     pub topology: Topology,
     pub storage: String,
-    pub force_path_style: Option<bool>,
+    pub s3: crate::storage::S3Options,
     pub model: ModelConfig,
     pub limits: Limits,
     /// Most images per device batch.
@@ -31,6 +31,8 @@ pub struct WorkerConfig {
     /// Unacked deliveries per lane.
     pub prefetch: u16,
     pub worker_id: String,
+    /// The CloudEvents `source` of every event: the deployment's, not this worker's.
+    pub event_source: String,
     pub http_addr: Option<SocketAddr>,
     /// A batch running longer than this fails its jobs with `timeout`.
     pub job_timeout: Duration,
@@ -204,6 +206,14 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         return Err(UsageError("--lanes needs at least one lane".into()));
     }
     lanes.sort_by_key(|l| *l != Lane::Interactive);
+    let event_source = match &args.event_source {
+        Some(s) => {
+            crate::events::check_source(s)
+                .map_err(|why| UsageError(format!("--event-source: {why}")))?;
+            s.clone()
+        }
+        None => crate::events::default_source(&args.broker.amqp_prefix),
+    };
     let prefetch = args
         .prefetch
         .unwrap_or_else(|| (args.max_batch.saturating_mul(2)).min(u16::MAX as u32) as u16)
@@ -212,7 +222,7 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         amqp_url: args.broker.amqp_url.clone(),
         topology: topology(&args.broker)?,
         storage: args.storage.storage.clone(),
-        force_path_style: args.storage.s3_force_path_style,
+        s3: args.storage.s3_options(),
         model: ModelConfig::from_args(&args.model)?,
         limits,
         max_batch: args.max_batch,
@@ -220,9 +230,38 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         lanes,
         prefetch,
         worker_id,
+        event_source,
         http_addr: args.http_addr,
         job_timeout: Duration::from_secs(args.job_timeout_s.max(1)),
         grace_period: Duration::from_secs(args.grace_period_s),
         progress_interval: Duration::from_millis(args.progress_interval_ms),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn worker(flags: &[&str]) -> Result<WorkerConfig, UsageError> {
+        let argv = [&["t2i", "worker"], flags].concat();
+        match Cli::try_parse_from(argv).expect("valid flags").command {
+            Command::Worker(args) => worker_config(&args),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_event_source_is_the_deployments_not_the_workers() {
+        let a = worker(&["--worker-id", "w1", "--amqp-prefix", "prod"]).unwrap();
+        let b = worker(&["--worker-id", "w2", "--amqp-prefix", "prod"]).unwrap();
+        assert_eq!(a.event_source, "/t2i-worker/prod");
+        assert_eq!(a.event_source, b.event_source);
+        let set = worker(&["--event-source", "https://images.example.com/t2i"]).unwrap();
+        assert_eq!(set.event_source, "https://images.example.com/t2i");
+        let bad = worker(&["--event-source", "not a uri"]).unwrap_err();
+        assert!(bad.0.contains("--event-source"), "{bad}");
+    }
 }

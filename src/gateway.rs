@@ -523,7 +523,7 @@ fn router(app: Arc<App>) -> Router {
 }
 
 pub async fn run(args: GatewayArgs, shutdown: CancellationToken) -> Result<()> {
-    let store = Store::open(&args.storage.storage, args.storage.s3_force_path_style)
+    let store = Store::open(&args.storage.storage, &args.storage.s3_options())
         .await
         .with_context(|| format!("opening the store {}", args.storage.storage))?;
     let app = Arc::new(App {

@@ -11,12 +11,13 @@ pub fn all() -> Vec<(&'static str, serde_json::Value)> {
         serde_json::to_value(schemars::schema_for!(crate::job::JobRequest)).unwrap_or_default();
     let mut event =
         serde_json::to_value(schemars::schema_for!(crate::events::CloudEvent)).unwrap_or_default();
-    for (schema, id) in [(&mut job, "job"), (&mut event, "event")] {
+    let job_id = crate::events::EVENT_SCHEMA_ID.replace("/event.schema.json", "/job.schema.json");
+    for (schema, id) in [
+        (&mut job, job_id.as_str()),
+        (&mut event, crate::events::EVENT_SCHEMA_ID),
+    ] {
         if let Some(o) = schema.as_object_mut() {
-            o.insert(
-                "$id".into(),
-                format!("https://t2i-worker.dev/schemas/v1/{id}.schema.json").into(),
-            );
+            o.insert("$id".into(), id.into());
         }
     }
     vec![("job.schema.json", job), ("event.schema.json", event)]
@@ -53,6 +54,21 @@ mod tests {
                 "schemas/{name} is stale: run `cargo run -- schemas --out schemas` and commit the result"
             );
         }
+    }
+
+    #[test]
+    fn dataschema_names_the_event_data_definition_of_the_published_schema() {
+        let (name, event) = &all()[1];
+        assert_eq!(*name, "event.schema.json");
+        let (base, pointer) = crate::events::DATA_SCHEMA.split_once('#').unwrap();
+        assert_eq!(event["$id"], base);
+        let data = event.pointer(pointer).expect("the pointer resolves");
+        assert_eq!(data["description"], "The `data` of every event.");
+        assert_eq!(event["properties"]["data"]["$ref"], format!("#{pointer}"));
+        assert_eq!(
+            all()[0].1["$id"],
+            "https://t2i-worker.dev/schemas/v1/job.schema.json"
+        );
     }
 
     #[test]

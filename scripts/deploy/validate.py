@@ -1,4 +1,5 @@
-"""Validates rendered Kubernetes manifests, KEDA resources and docker/compose.yaml offline.
+"""Validates rendered Kubernetes manifests, KEDA resources, docker/compose.yaml and the AsyncAPI
+document of the message contract offline.
 
 Usage: validate.py RENDERED.yaml...  (run by scripts/deploy/check.sh from the repository root)
 
@@ -6,6 +7,8 @@ Usage: validate.py RENDERED.yaml...  (run by scripts/deploy/check.sh from the re
   KUBERNETES_VERSION (default 1.32.0) that the package ships.
 * keda.sh kinds: the openAPIV3Schema of KEDA's own CRDs (schemas/keda beside this file), strict too.
 * docker/compose.yaml: the Compose Specification JSON Schema (schemas/compose beside this file).
+* schemas/asyncapi.yaml: parses as YAML, is AsyncAPI 3, and every `$ref` resolves (`#/...` inside it,
+  a file name to a JSON Schema beside it).
 The schemas are vendored in the repository (schemas/README.md says where they come from). Nothing is
 ever skipped: a missing schema, an unknown kind or an unreadable file is a failure.
 """
@@ -24,6 +27,7 @@ K8S_VERSION = os.environ.get("KUBERNETES_VERSION", "1.32.0")
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 COMPOSE_FILE = Path("docker/compose.yaml")
+ASYNCAPI_FILE = Path("schemas/asyncapi.yaml")
 
 
 def strict(schema):
@@ -58,6 +62,48 @@ def keda_schemas(root: Path) -> dict:
     return out
 
 
+def asyncapi_problems(path: Path) -> list[str]:
+    """What is wrong with the AsyncAPI document: YAML errors, the version, unresolvable `$ref`s."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        return [f"not YAML: {e}"]
+    if not isinstance(doc, dict) or not str(doc.get("asyncapi", "")).startswith("3."):
+        return ["not an AsyncAPI 3 document"]
+    problems = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "$ref":
+                    problems.extend(f"{where}: {p}" for p in resolve(v))
+                else:
+                    walk(v, f"{where}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}/{i}")
+
+    def resolve(ref):
+        if not isinstance(ref, str):
+            return [f"$ref {ref!r} is not a string"]
+        if ref.startswith("#/"):
+            target = doc
+            for part in ref[2:].split("/"):
+                if not isinstance(target, dict) or part not in target:
+                    return [f"$ref {ref} does not resolve"]
+                target = target[part]
+            return []
+        file = path.parent / ref
+        try:
+            json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            return [f"$ref {ref}: {e}"]
+        return []
+
+    walk(doc, "")
+    return problems
+
+
 def report(label: str, problems: list, what: str) -> int:
     for e in problems:
         print(f"FAIL {label}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
@@ -71,7 +117,8 @@ def main(paths: list[str]) -> int:
         print("usage: validate.py RENDERED.yaml...", file=sys.stderr)
         return 2
     # Every input must be there before anything is checked: a missing file is an error, not a skip.
-    missing = [p for p in [*paths, COMPOSE_FILE, SCHEMAS / "compose" / "compose-spec.json"]
+    missing = [p for p in [*paths, COMPOSE_FILE, SCHEMAS / "compose" / "compose-spec.json",
+                           ASYNCAPI_FILE]
                if not Path(p).is_file()]
     if missing:
         for p in missing:
@@ -122,6 +169,13 @@ def main(paths: list[str]) -> int:
     checked += 1
     problems = list(jsonschema.Draft7Validator(compose_schema).iter_errors(compose))
     errors += report(str(COMPOSE_FILE), problems, "Compose Specification schema")
+    checked += 1
+    problems = asyncapi_problems(ASYNCAPI_FILE)
+    for p in problems:
+        print(f"FAIL {ASYNCAPI_FILE}: {p}")
+    if not problems:
+        print(f"ok   {ASYNCAPI_FILE} (YAML, AsyncAPI 3, every $ref resolves)")
+    errors += len(problems)
     print(f"{checked} checked, {errors} problem(s)")
     return 1 if errors else 0
 

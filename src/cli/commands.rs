@@ -127,9 +127,15 @@ pub struct WorkerArgs {
     #[arg(long, env = "T2I_PREFETCH")]
     pub prefetch: Option<u16>,
 
-    /// This worker's name in events and connection names [default: hostname-pid].
+    /// This worker's name in events (`data.worker`) and connection names [default: hostname-pid].
     #[arg(long, env = "T2I_WORKER_ID")]
     pub worker_id: Option<String>,
+
+    /// The CloudEvents `source` of every event, a URI-reference naming the deployment: set the same
+    /// on every worker of it (consumers deduplicate on source + id) [default: /t2i-worker/<amqp
+    /// prefix>].
+    #[arg(long, env = "T2I_EVENT_SOURCE")]
+    pub event_source: Option<String>,
 
     /// Address for /healthz, /readyz and /metrics (e.g. 0.0.0.0:9090); off when unset.
     #[arg(long, env = "T2I_HTTP_ADDR")]

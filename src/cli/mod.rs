@@ -156,6 +156,22 @@ pub struct StorageArgs {
     /// S3 path-style addressing [default: on when AWS_ENDPOINT_URL is set].
     #[arg(long, env = "T2I_S3_FORCE_PATH_STYLE")]
     pub s3_force_path_style: Option<bool>,
+
+    /// The S3 endpoint that presigned image URLs name, when clients reach the store at another
+    /// address than AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000 on the host for http://s3:9000 in
+    /// Compose). Presigning only: every S3 request still goes to AWS_ENDPOINT_URL [default: the same
+    /// endpoint].
+    #[arg(long, env = "T2I_S3_PUBLIC_ENDPOINT")]
+    pub s3_public_endpoint: Option<String>,
+}
+
+impl StorageArgs {
+    pub fn s3_options(&self) -> crate::storage::S3Options {
+        crate::storage::S3Options {
+            force_path_style: self.s3_force_path_style,
+            public_endpoint: self.s3_public_endpoint.clone().filter(|e| !e.is_empty()),
+        }
+    }
 }
 
 /// The shape of an image, for the subcommands that make or describe jobs (`generate`, `enqueue`,

@@ -117,7 +117,7 @@ pub async fn write(
 ) -> Result<()> {
     let mut samples = samples(jobs, outcomes);
     let needs_bytes = args.download || args.webdataset.is_some();
-    let store = Store::open(&args.storage.storage, args.storage.s3_force_path_style).await?;
+    let store = Store::open(&args.storage.storage, &args.storage.s3_options()).await?;
     let mut bytes: Vec<Option<Vec<u8>>> = vec![None; samples.len()];
     if needs_bytes {
         let fetched: Vec<(usize, Result<Vec<u8>>)> =

@@ -244,7 +244,7 @@ async fn publish_and_wait(
 ) -> Result<Option<HashMap<String, Outcome>>> {
     let topology = crate::config::topology(&args.broker)?;
     let storage = &args.storage.storage;
-    let store = Store::open(storage, args.storage.s3_force_path_style)
+    let store = Store::open(storage, &args.storage.s3_options())
         .await
         .with_context(|| format!("opening the store {storage}"))?;
 

@@ -42,10 +42,43 @@ pub struct StoredObject {
     pub url_expires_at: Option<OffsetDateTime>,
 }
 
+/// S3 settings beside the AWS chain's (`AWS_ENDPOINT_URL`, region, credentials).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Options {
+    /// Path-style addressing [default: on when `AWS_ENDPOINT_URL` is set; always on for presigning
+    /// against `public_endpoint`].
+    pub force_path_style: Option<bool>,
+    /// The endpoint presigned URLs name, when clients reach the store at another address than this
+    /// process does (`http://127.0.0.1:9000` on the host for `http://s3:9000` in Compose). Used for
+    /// presigning only, which does no I/O: every request still goes to the store's own endpoint.
+    pub public_endpoint: Option<String>,
+}
+
+impl S3Options {
+    /// Checks `public_endpoint`: an `http` or `https` URL with a host, and no query or fragment.
+    pub fn check(&self) -> Result<(), StorageError> {
+        let Some(e) = &self.public_endpoint else {
+            return Ok(());
+        };
+        let bad = |why: &str| Err(StorageError::BadEndpoint(e.clone(), why.into()));
+        match reqwest::Url::parse(e) {
+            Err(err) => bad(&err.to_string()),
+            Ok(u) if !matches!(u.scheme(), "http" | "https") => bad("expected http:// or https://"),
+            Ok(u) if u.host_str().is_none_or(str::is_empty) => bad("no host"),
+            Ok(u) if u.query().is_some() || u.fragment().is_some() => {
+                bad("must not have a query or fragment")
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("storage URL `{0}`: expected s3://bucket[/prefix], file:///path or a folder")]
     BadUrl(String),
+    #[error("S3 public endpoint `{0}`: {1}")]
+    BadEndpoint(String, String),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -64,7 +97,7 @@ pub enum StorageError {
 impl StorageError {
     /// Transient (network, 5xx, throttling): worth a delayed retry. Bad URLs are not.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::BadUrl(_))
+        !matches!(self, Self::BadUrl(_) | Self::BadEndpoint(..))
     }
 }
 
@@ -95,9 +128,8 @@ pub enum Store {
 }
 
 impl Store {
-    /// `s3://bucket[/prefix]`, `file:///path` or a plain folder path. `force_path_style` overrides the
-    /// default (path-style addressing whenever `AWS_ENDPOINT_URL` is set).
-    pub async fn open(url: &str, force_path_style: Option<bool>) -> Result<Self, StorageError> {
+    /// `s3://bucket[/prefix]`, `file:///path` or a plain folder path; `s3` applies to buckets only.
+    pub async fn open(url: &str, s3: &S3Options) -> Result<Self, StorageError> {
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
@@ -108,7 +140,7 @@ impl Store {
                 prefix.push('/');
             }
             return Ok(Self::S3(Box::new(
-                S3Store::from_env(bucket, &prefix, force_path_style).await,
+                S3Store::from_env(bucket, &prefix, s3).await?,
             )));
         }
         let path = url.strip_prefix("file://").unwrap_or(url);
@@ -161,5 +193,31 @@ mod tests {
             "datasets/wolves/job-1/0.png"
         );
         assert_eq!(ObjectKey::result("", &id), "job-1/result.json");
+    }
+
+    #[test]
+    fn public_endpoints_are_http_urls_with_a_host() {
+        let opts = |e: &str| S3Options {
+            public_endpoint: Some(e.into()),
+            ..S3Options::default()
+        };
+        for ok in [
+            "http://127.0.0.1:9000",
+            "https://images.example.com",
+            "https://example.com/s3/",
+        ] {
+            assert!(opts(ok).check().is_ok(), "{ok}");
+        }
+        for bad in [
+            "127.0.0.1:9000",
+            "s3:9000",
+            "ftp://x",
+            "http://x/?a=1",
+            "http://",
+        ] {
+            let err = opts(bad).check().unwrap_err();
+            assert!(!err.is_retryable(), "{bad}");
+        }
+        assert!(S3Options::default().check().is_ok());
     }
 }

@@ -1,7 +1,8 @@
 //! S3-compatible storage with `aws-sdk-s3`: credentials, region and endpoint from the standard AWS
 //! chain (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, profiles),
 //! path-style addressing for custom endpoints (Garage, MinIO), `Content-Type` and `x-amz-meta-*` on
-//! every object, presigned GET URLs, and multipart uploads above [`MULTIPART_THRESHOLD`].
+//! every object, presigned GET URLs (for a public endpoint where clients reach the store elsewhere,
+//! [`S3Options::public_endpoint`]), and multipart uploads above [`MULTIPART_THRESHOLD`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use time::OffsetDateTime;
 
-use super::{ImageStore, StorageError, StoredObject};
+use super::{ImageStore, S3Options, StorageError, StoredObject};
 
 /// Objects larger than this are uploaded in parts (S3's minimum part size is 5 MiB).
 pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
@@ -20,6 +21,8 @@ const PART_SIZE: usize = 8 * 1024 * 1024;
 
 pub struct S3Store {
     client: aws_sdk_s3::Client,
+    /// Signs presigned URLs: `client` itself, or the same configuration with the public endpoint.
+    presigner: aws_sdk_s3::Client,
     bucket: String,
     prefix: String,
     multipart_threshold: usize,
@@ -27,23 +30,41 @@ pub struct S3Store {
 }
 
 impl S3Store {
-    /// A client from the environment's AWS configuration.
-    pub async fn from_env(bucket: &str, prefix: &str, force_path_style: Option<bool>) -> Self {
+    /// A client from the environment's AWS configuration, and one for presigning: the same
+    /// credentials and region with `opts.public_endpoint` (path-style, unless told otherwise: a
+    /// public host such as `127.0.0.1:9000` has no per-bucket names).
+    pub async fn from_env(
+        bucket: &str,
+        prefix: &str,
+        opts: &S3Options,
+    ) -> Result<Self, StorageError> {
+        opts.check()?;
         let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .load()
             .await;
         let custom_endpoint = std::env::var_os("AWS_ENDPOINT_URL").is_some()
             || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
         let conf = aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(force_path_style.unwrap_or(custom_endpoint))
+            .force_path_style(opts.force_path_style.unwrap_or(custom_endpoint))
             .build();
-        Self {
-            client: aws_sdk_s3::Client::from_conf(conf),
+        let client = aws_sdk_s3::Client::from_conf(conf);
+        let presigner = match &opts.public_endpoint {
+            Some(endpoint) => aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&sdk)
+                    .endpoint_url(endpoint)
+                    .force_path_style(opts.force_path_style.unwrap_or(true))
+                    .build(),
+            ),
+            None => client.clone(),
+        };
+        Ok(Self {
+            client,
+            presigner,
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
             multipart_threshold: MULTIPART_THRESHOLD,
             part_size: PART_SIZE,
-        }
+        })
     }
 
     /// Lowers the multipart threshold and part size (tests exercise multipart with small objects).
@@ -175,7 +196,7 @@ impl ImageStore for S3Store {
             message: e.to_string(),
         })?;
         let url = self
-            .client
+            .presigner
             .get_object()
             .bucket(&self.bucket)
             .key(&key)

@@ -7,7 +7,9 @@
 //!     dead-letters back to {p}.webhooks with the one target in a header) ─▶ ... ─▶ {p}.webhooks.dead
 //!   410 Gone: stop for that target; other 4xx or an SSRF refusal: straight to {p}.webhooks.dead
 //! ```
-//! The workers publish and move on; a slow or dead receiver only ever delays this queue. Signing
+//! Each POST is a structured-mode CloudEvent (`content-type: application/cloudevents+json`, the
+//! event as published, byte for byte). The workers publish and move on; a slow or dead receiver only
+//! ever delays this queue. Signing
 //! secrets come from the relay's configuration, never from messages. Every delivery of one event
 //! carries the same `webhook-id` (the CloudEvent id), so receivers can deduplicate.
 
@@ -31,6 +33,8 @@ use sign::Secret;
 const TARGET_HEADER: &str = "x-t2i-webhook-target";
 const ATTEMPT_HEADER: &str = "x-t2i-webhook-attempt";
 const REASON_HEADER: &str = "x-t2i-webhook-error";
+/// The media type of a structured-mode CloudEvent in JSON (CloudEvents HTTP binding §3.2).
+const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
 /// Webhook POSTs by outcome (`t2i_webhook_deliveries_total`).
 struct Counters(IntCounterVec);
@@ -129,7 +133,8 @@ impl Relay {
         let sent = self
             .client
             .post(url)
-            .header("content-type", "application/json")
+            // Structured mode of the CloudEvents HTTP binding: the body is the whole event.
+            .header("content-type", CLOUDEVENTS_JSON)
             .header(
                 "user-agent",
                 concat!("t2i-webhooks/", env!("CARGO_PKG_VERSION")),

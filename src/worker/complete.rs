@@ -114,6 +114,8 @@ pub struct Completion<St, Si> {
     pub store: Arc<St>,
     pub sink: Si,
     pub worker_id: String,
+    /// The deployment's CloudEvents `source`, the same on every worker (`--event-source`).
+    pub source: String,
     /// As configured (`segmind/SSD-1B`), reported in events and image metadata.
     pub model: String,
     pub dtype: &'static str,
@@ -146,7 +148,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
     }
 
     pub fn event(&self, kind: EventKind, data: EventData) -> CloudEvent {
-        CloudEvent::new(kind, &self.worker_id, data, OffsetDateTime::now_utc())
+        CloudEvent::new(kind, &self.source, data, OffsetDateTime::now_utc())
     }
 
     /// Publishes a terminal event; `Completed`/`Rejected` as asked when it got out, else `Abandoned`.

@@ -16,10 +16,15 @@ use crate::worker::intake::{Contract, Intake, intake};
 const MODEL: &str = "segmind/SSD-1B";
 
 fn completion(max_attempts: u32) -> Completion<MemoryStore, RecordingSink> {
+    on_worker("w1", max_attempts)
+}
+
+fn on_worker(worker: &str, max_attempts: u32) -> Completion<MemoryStore, RecordingSink> {
     Completion {
         store: Arc::new(MemoryStore::default()),
         sink: RecordingSink::default(),
-        worker_id: "w1".into(),
+        worker_id: worker.into(),
+        source: "/t2i-worker/t2i".into(),
         model: MODEL.into(),
         dtype: "f32",
         max_attempts,
@@ -102,6 +107,23 @@ async fn a_rendered_job_stores_its_images_then_result_json_and_announces_success
     assert_eq!(&png[1..4], b"PNG");
     let (_, reply) = c.sink.events.lock().unwrap()[0].clone();
     assert_eq!(reply.unwrap().correlation_id.as_deref(), Some("corr-1"));
+}
+
+#[tokio::test]
+async fn two_workers_announcing_one_job_emit_one_cloudevent() {
+    // A redelivery on another worker: same source and id (one event to CloudEvents consumers),
+    // the worker named in the data.
+    let (w1, w2) = (on_worker("w1", 5), on_worker("w2", 5));
+    w1.act(&fox(), &meta(1), rendered(1)).await;
+    w2.act(&fox(), &meta(2), rendered(1)).await;
+    let (a, b) = (w1.sink.last(), w2.sink.last());
+    assert_eq!((&a.source, &a.id), (&b.source, &b.id));
+    assert_eq!(a.source, "/t2i-worker/t2i");
+    assert_eq!(
+        (a.data.worker.as_str(), b.data.worker.as_str()),
+        ("w1", "w2")
+    );
+    assert_eq!(a.dataschema.as_deref(), Some(crate::events::DATA_SCHEMA));
 }
 
 #[tokio::test]

@@ -72,7 +72,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
             .with_context(|| format!("binding {addr}"))?;
     }
     let store = Arc::new(
-        Store::open(&cfg.storage, cfg.force_path_style)
+        Store::open(&cfg.storage, &cfg.s3)
             .await
             .with_context(|| format!("opening storage {}", cfg.storage))?,
     );

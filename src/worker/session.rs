@@ -76,6 +76,7 @@ async fn open(sh: &Shared, conn: &Connection) -> Result<Opened, QueueError> {
         store: sh.store.clone(),
         sink: publisher.clone(),
         worker_id: cfg.worker_id.clone(),
+        source: cfg.event_source.clone(),
         model: cfg.model.spec.clone(),
         dtype: cfg.model.dtype_name(),
         max_attempts: cfg.topology.delivery_limit.max(1),

@@ -84,6 +84,16 @@ pub fn rabbitmqctl(args: &[&str]) {
     assert!(ok, "rabbitmqctl {args:?} failed");
 }
 
+/// Garage's endpoint as clients outside "the cluster" would name it: `localhost` for `127.0.0.1`,
+/// a host name the store is never reached at by the worker.
+pub fn public_garage_endpoint() -> String {
+    garage_env();
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL from garage.sh");
+    let public = endpoint.replace("//127.0.0.1:", "//localhost:");
+    assert_ne!(public, endpoint, "Garage is expected on 127.0.0.1");
+    public
+}
+
 pub fn bucket() -> String {
     std::env::var("T2I_TEST_BUCKET").unwrap_or_else(|_| "t2i".into())
 }

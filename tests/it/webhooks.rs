@@ -1,6 +1,7 @@
 //! `t2i webhooks` and `t2i gateway` through the real binaries, with a real worker, RabbitMQ and
-//! Garage. The webhook receiver is Python with the official `standardwebhooks` package (from
-//! scripts/requirements-test.txt; `PYTHON` names the interpreter, as scripts/test.sh sets it).
+//! Garage. The webhook receiver is Python with the official `standardwebhooks` and `cloudevents`
+//! packages (from scripts/requirements-test.txt; `PYTHON` names the interpreter, as scripts/test.sh
+//! sets it).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use t2i_worker::queue::Lane;
 use crate::broker::{WorkerProc, World, amqp_url, serial};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// The worker's `--event-source` in the webhook test.
+const EVENT_SOURCE: &str = "https://t2i.example.com/it/hooks";
 
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
@@ -137,7 +140,11 @@ async fn webhooks_are_signed_retried_and_guarded() {
         Duration::from_secs(30),
     )
     .await;
-    let worker = WorkerProc::spawn(&world, "w1", &["--max-batch", "8"]);
+    let worker = WorkerProc::spawn(
+        &world,
+        "w1",
+        &["--max-batch", "8", "--event-source", EVENT_SOURCE],
+    );
 
     let hook = format!("http://127.0.0.1:{main}/hook");
     let mut jobs: Vec<(String, Value)> = (0..5)
@@ -188,6 +195,17 @@ async fn webhooks_are_signed_retried_and_guarded() {
     assert_eq!(hook_hits.len(), 21, "{entries:#?}");
     for e in &hook_hits {
         assert_eq!(e["verified"], true, "signature rejected: {e}");
+    }
+    // Every POST is a structured-mode CloudEvent that the CloudEvents SDK parses, from the
+    // deployment's source, valid against the event schema, its data against the schema that its
+    // `dataschema` names (resolved in a registry holding schemas/event.schema.json).
+    let posts: Vec<&Value> = entries.iter().filter(|e| e["server"] == "main").collect();
+    assert!(posts.len() > hook_hits.len(), "{entries:#?}");
+    for e in &posts {
+        assert_eq!(e["content_type"], "application/cloudevents+json", "{e}");
+        assert_eq!(e["cloudevent"], true, "CloudEvents SDK: {e}");
+        assert_eq!(e["data_valid"], true, "{e}");
+        assert_eq!(e["source"], EVENT_SOURCE, "{e}");
     }
     let ids: std::collections::HashSet<&str> = hook_hits
         .iter()
@@ -273,6 +291,7 @@ async fn webhooks_are_signed_retried_and_guarded() {
 async fn gateway_generates_queues_and_reports_errors() {
     let _g = serial().await;
     let world = World::new("gateway").await;
+    let public = crate::broker::public_garage_endpoint();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let _gateway = spawn_t2i(
@@ -287,12 +306,15 @@ async fn gateway_generates_queues_and_reports_errors() {
             "s3cret".into(),
             "--min-side".into(),
             "32".into(),
+            "--s3-public-endpoint".into(),
+            public.clone(),
         ],
         &dir.path().join("gateway.log"),
     );
     let base = format!("http://127.0.0.1:{port}");
     wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(30)).await;
-    let worker = WorkerProc::spawn(&world, "w1", &[]);
+    // As in docker/compose.yaml: the worker presigns for the name clients use, not its own.
+    let worker = WorkerProc::spawn(&world, "w1", &["--s3-public-endpoint", &public]);
     let http = reqwest::Client::new();
     let post = |path: &str, body: Vec<u8>, token: Option<&str>| {
         let mut r = http
@@ -319,6 +341,10 @@ async fn gateway_generates_queues_and_reports_errors() {
     let v: Value = json(r).await;
     assert_eq!(v["status"], "succeeded");
     let url = v["image_url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("{public}/")),
+        "presigned for the public endpoint: {url}"
+    );
     let png = reqwest::get(url).await.unwrap().bytes().await.unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert_eq!(

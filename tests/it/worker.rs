@@ -328,6 +328,18 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_its_successor_overwrites_id
             .await,
         "jobs lost"
     );
+    // Both workers announce as one deployment: one CloudEvents source, the worker in the data, so
+    // a job announced by each is one event (source + id) to CloudEvents consumers.
+    let source = format!("/t2i-worker/{}", world.prefix);
+    let workers: HashSet<&str> = world.seen.iter().map(|e| e.data.worker.as_str()).collect();
+    assert_eq!(workers, HashSet::from(["w1", "w2"]));
+    for e in &world.seen {
+        assert_eq!(e.source, source, "{} of {}", e.kind, e.subject);
+        assert_eq!(
+            e.dataschema.as_deref(),
+            Some(t2i_worker::events::DATA_SCHEMA)
+        );
+    }
     let client = s3().await;
     for id in &ids {
         let events: Vec<&CloudEvent> = world
@@ -670,15 +682,20 @@ async fn deadlines_reply_to_reannouncement_and_cancellation_follow_the_contract(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_multipart_uploads_and_presigned_urls_work_against_garage() {
-    use t2i_worker::storage::{ImageStore, S3Store};
+    use t2i_worker::storage::{ImageStore, S3Options, S3Store};
     let _g = serial().await;
     crate::broker::garage_env();
     let prefix = format!(
         "t2it-multipart-{}/",
         &uuid::Uuid::now_v7().simple().to_string()[20..]
     );
-    let store = S3Store::from_env(&crate::broker::bucket(), &prefix, Some(true))
+    let opts = S3Options {
+        force_path_style: Some(true),
+        public_endpoint: None,
+    };
+    let store = S3Store::from_env(&crate::broker::bucket(), &prefix, &opts)
         .await
+        .unwrap()
         .with_multipart(5 * 1024 * 1024, 5 * 1024 * 1024);
     let body: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let meta = vec![("job-id".to_string(), "big".to_string())];
@@ -720,6 +737,83 @@ async fn s3_multipart_uploads_and_presigned_urls_work_against_garage() {
         .unwrap();
     assert_eq!(ct.as_deref(), Some("application/octet-stream"));
     assert_eq!(meta.get("job-id").map(String::as_str), Some("big"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urls_presigned_for_a_public_endpoint_name_it_and_open_without_credentials() {
+    use t2i_worker::storage::{ImageStore, S3Options, Store};
+    let _g = serial().await;
+    let public = crate::broker::public_garage_endpoint();
+    let public_url = reqwest::Url::parse(&public).unwrap();
+    let prefix = format!(
+        "t2it-public-{}/",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    );
+    let storage = format!("s3://{}/{prefix}", crate::broker::bucket());
+    let open = |endpoint: &str| {
+        let opts = S3Options {
+            force_path_style: None,
+            public_endpoint: Some(endpoint.to_string()),
+        };
+        let storage = storage.clone();
+        async move { Store::open(&storage, &opts).await.unwrap() }
+    };
+    let body = b"\x89PNG\r\n\x1a\n not really a png".to_vec();
+    let store = open(&public).await;
+    let stored = store
+        .put(
+            "a.png",
+            body.clone(),
+            "image/png",
+            &[],
+            Duration::from_secs(300),
+        )
+        .await
+        .unwrap();
+    let url = reqwest::Url::parse(stored.url.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (url.host_str(), url.port()),
+        (Some("localhost"), public_url.port()),
+        "{url}"
+    );
+    assert!(
+        url.path()
+            .starts_with(&format!("/{}/{prefix}", crate::broker::bucket())),
+        "path-style for the public endpoint: {url}"
+    );
+    // A client without credentials opens it at the public name.
+    let r = reqwest::get(url.clone()).await.unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
+    // The signature covers the host: it was signed for the public name, not rewritten afterwards.
+    let mut moved = url.clone();
+    moved.set_host(Some("127.0.0.1")).unwrap();
+    assert_eq!(reqwest::get(moved).await.unwrap().status(), 403);
+    // Presigning does no I/O and every request goes to AWS_ENDPOINT_URL: a public endpoint where
+    // nothing listens changes only the URLs.
+    let elsewhere = open("http://127.0.0.1:9").await;
+    let stored = elsewhere
+        .put(
+            "b.png",
+            body.clone(),
+            "image/png",
+            &[],
+            Duration::from_secs(300),
+        )
+        .await
+        .unwrap();
+    assert!(
+        stored
+            .url
+            .as_deref()
+            .unwrap()
+            .starts_with("http://127.0.0.1:9/"),
+        "{stored:?}"
+    );
+    assert_eq!(
+        elsewhere.get("a.png").await.unwrap().as_deref(),
+        Some(&body[..])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

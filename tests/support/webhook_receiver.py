@@ -1,5 +1,7 @@
 """Webhook receiver for tests/it/webhooks.rs: verifies every request with the official
-`standardwebhooks` package and logs it as a JSON line.
+`standardwebhooks` package, parses it with the CloudEvents SDK (structured mode, both its current
+and its v1 API), validates the event against schemas/event.schema.json and its `data` against the
+schema its `dataschema` names, and logs it as a JSON line (`cloudevent`, `data_valid`: true or why not).
 
     webhook_receiver.py SECRET LOG_FILE FAIL_FIRST
 
@@ -15,13 +17,51 @@ import sys
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import cloudevents.v1.http
+from cloudevents.core.bindings.http import HTTPMessage, from_http
+from cloudevents.core.formats.json import JSONFormat
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+SCHEMA = json.loads((Path(__file__).parents[2] / "schemas/event.schema.json").read_text())
+# The published schema under its own $id, as a consumer's schema registry would hold it.
+REGISTRY = Registry().with_resource(SCHEMA["$id"], Resource.from_contents(SCHEMA))
 
 SECRET, LOG, FAIL_FIRST = sys.argv[1], sys.argv[2], int(sys.argv[3])
 lock = threading.Lock()
 seen = Counter()
 ports = {}
+
+
+def cloudevent(headers, body):
+    """(True or why not, the parsed event or None): what a CloudEvents receiver makes of it."""
+    try:
+        event = from_http(HTTPMessage(headers, body), JSONFormat())
+        cloudevents.v1.http.from_http(headers, body)
+    except Exception as e:  # every SDK error: the test reports it
+        return f"{type(e).__name__}: {e}"[:500], None
+    return True, event
+
+
+def data_valid(event, body):
+    """True, or why the event or its data does not match the schemas it names."""
+    if event is None:
+        return "not a CloudEvent"
+    if not event.get_dataschema():
+        return "no dataschema"
+    try:
+        for schema, value in [(SCHEMA, json.loads(body)),
+                              ({"$ref": event.get_dataschema()}, event.get_data())]:
+            errors = [e.message for e in
+                      Draft202012Validator(schema, registry=REGISTRY).iter_errors(value)]
+            if errors:
+                return "; ".join(errors)[:500]
+    except Exception as e:  # an unresolvable dataschema
+        return f"{type(e).__name__}: {e}"[:500]
+    return True
 
 
 def log(entry):
@@ -55,8 +95,11 @@ class Main(BaseHTTPRequestHandler):
             seen[(self.path, wid)] += 1
             n = seen[(self.path, wid)]
         event = json.loads(body) if body else {}
+        parsed, ce = cloudevent(headers, body)
         entry = {"server": self.server_name, "path": self.path, "id": wid, "n": n,
-                 "verified": verified, "type": event.get("type"), "subject": event.get("subject")}
+                 "verified": verified, "type": event.get("type"), "subject": event.get("subject"),
+                 "content_type": headers.get("content-type"), "cloudevent": parsed,
+                 "source": ce and ce.get_source(), "data_valid": data_valid(ce, body)}
         if self.server_name == "other":
             log(entry)
             return self.answer(200)
