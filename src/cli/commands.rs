@@ -345,7 +345,9 @@ pub struct WebhooksArgs {
     #[arg(long, env = "T2I_WEBHOOK_ALLOW_PRIVATE")]
     pub allow_private_networks: bool,
 
-    /// `host:port` always allowed, whatever it resolves to (repeatable), e.g. an in-cluster receiver.
+    /// `host:port` allowed whatever it resolves to (repeatable), e.g. an in-cluster receiver. Only
+    /// that port (the scheme's default when a URL names none): the host's other ports are guarded
+    /// as usual, and a redirect gets the allowance only from an allowed receiver.
     #[arg(
         long = "allow-host",
         env = "T2I_WEBHOOK_ALLOW_HOSTS",

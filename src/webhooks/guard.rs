@@ -6,10 +6,66 @@
 //! literal host, on every address a host name resolves to (the HTTP client's resolver is this guard,
 //! so there is no gap between check and connect), and on every redirect target.
 
+//! SSRF guard for webhook URLs: job messages name the URL, so a hostile one must not make the relay
+//! call into the cluster. Refused unless explicitly allowed: plain `http` (HTTPS only by default),
+//! and any address that is loopback, private (RFC 1918, IPv6 ULA), link-local (including the cloud
+//! metadata address 169.254.169.254 and fd00:ec2::254), CGNAT, unspecified, multicast, broadcast or
+//! reserved, including IPv4 addresses embedded in IPv6 (mapped, NAT64). The check runs on the URL's
+//! literal host, on every address a host name resolves to (the HTTP client's resolver is this guard,
+//! so there is no gap between check and connect), and on every redirect target.
+//!
+//! An `--allow-host host:port` entry covers that host on that port only. The resolver only sees a
+//! name, never a port, so the relay has two clients: one whose resolver accepts any address for the
+//! allowed names, used only for a URL whose host and port are an entry exactly, and which follows
+//! redirects only to such URLs or to hosts that are not allowed names; and one whose resolver checks
+//! every address, for everything else, which gives no allowance to redirect targets.
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use reqwest::Url;
+
+/// One `--allow-host` entry, its host as the URL parser writes it (lowercase name, canonical
+/// address, IPv6 in brackets), so that it compares with `Url::host_str`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Allowed {
+    host: String,
+    port: u16,
+}
+
+impl Allowed {
+    fn parse(entry: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "--allow-host {entry}: expected host:port, e.g. hooks.internal:8443 or [fd00::1]:8443"
+            )
+        };
+        let port = entry
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .filter(|&p| p != 0)
+            .ok_or_else(bad)?;
+        let url = Url::parse(&format!("http://{entry}/")).map_err(|_| bad())?;
+        let plain = url.username().is_empty()
+            && url.password().is_none()
+            && url.path() == "/"
+            && url.query().is_none()
+            && url.fragment().is_none();
+        let host = url.host_str().filter(|_| plain).ok_or_else(bad)?;
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+fn is_ip_literal(host: &str) -> bool {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .is_ok()
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Guard {
@@ -18,35 +74,96 @@ pub struct Guard {
     /// Accept every address (trusted networks only).
     pub allow_private: bool,
     /// `host:port` pairs accepted whatever their address (e.g. an in-cluster receiver).
-    pub allow_hosts: Vec<String>,
+    allowed: Vec<Allowed>,
 }
 
 impl Guard {
-    fn host_allowed(&self, host: &str, port: Option<u16>) -> bool {
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        self.allow_hosts.iter().any(|a| match a.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => {
-                h.trim_start_matches('[').trim_end_matches(']') == host
-                    && Some(p.parse::<u16>().ok()) == Some(port)
-            }
-            _ => a == host,
+    /// `allow_hosts`: `--allow-host` entries, each `host:port` (the port is required).
+    pub fn new(
+        allow_http: bool,
+        allow_private: bool,
+        allow_hosts: &[String],
+    ) -> Result<Self, String> {
+        let allowed = allow_hosts
+            .iter()
+            .map(|a| a.trim())
+            .filter(|a| !a.is_empty())
+            .map(Allowed::parse)
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            allow_http,
+            allow_private,
+            allowed,
         })
     }
 
-    /// Checks a URL before a request or a redirect.
-    pub fn check_url(&self, url: &Url) -> Result<(), String> {
-        match url.scheme() {
-            "https" => {}
-            "http" if self.allow_http => {}
-            "http" => return Err(format!("refused {url}: plain http is not allowed")),
-            s => return Err(format!("refused {url}: scheme {s}")),
+    /// The URL's host and port (the scheme's default if none is written) are an `--allow-host`
+    /// entry, exactly.
+    pub fn allows(&self, url: &Url) -> bool {
+        match (url.host_str(), url.port_or_known_default()) {
+            (Some(host), Some(port)) => self
+                .allowed
+                .iter()
+                .any(|a| a.host == host && a.port == port),
+            _ => false,
         }
+    }
+
+    /// Host names (not addresses) that have an allowance, on some port.
+    fn allowed_names(&self) -> impl Iterator<Item = &str> {
+        self.allowed
+            .iter()
+            .map(|a| a.host.as_str())
+            .filter(|h| !is_ip_literal(h))
+    }
+
+    /// Checks a URL before a request: the scheme, then the literal address unless the URL is
+    /// allowed (a host name's addresses are checked by the resolver, when connecting).
+    pub fn check_url(&self, url: &Url) -> Result<(), String> {
+        self.check_scheme(url)?;
+        if self.allows(url) {
+            return Ok(());
+        }
+        self.check_unallowed(url)
+    }
+
+    /// Checks a redirect target. `trusted_client`: the request is on the client whose resolver
+    /// accepts any address for allowed names (it began at an allowed URL); there an allowed URL is
+    /// followed, and an allowed name on another port is refused, since that resolver would let it
+    /// through. The other client gives redirect targets no allowance at all.
+    pub fn check_redirect(&self, url: &Url, trusted_client: bool) -> Result<(), String> {
+        self.check_scheme(url)?;
+        if trusted_client {
+            if self.allows(url) {
+                return Ok(());
+            }
+            if let Some(host) = url.host_str()
+                && !self.allow_private
+                && self.allowed_names().any(|n| n == host)
+            {
+                return Err(format!(
+                    "refused {url}: {host} is allowed on its --allow-host port only"
+                ));
+            }
+        }
+        self.check_unallowed(url)
+    }
+
+    fn check_scheme(&self, url: &Url) -> Result<(), String> {
+        match url.scheme() {
+            "https" => Ok(()),
+            "http" if self.allow_http => Ok(()),
+            "http" => Err(format!("refused {url}: plain http is not allowed")),
+            s => Err(format!("refused {url}: scheme {s}")),
+        }
+    }
+
+    /// The checks for a URL without an allowance: it has a host, and a literal address must be
+    /// one the guard accepts.
+    fn check_unallowed(&self, url: &Url) -> Result<(), String> {
         let host = url
             .host_str()
             .ok_or_else(|| format!("refused {url}: no host"))?;
-        if self.host_allowed(host, url.port_or_known_default()) {
-            return Ok(());
-        }
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = bare.parse::<IpAddr>() {
             self.check_ip(ip)
@@ -125,20 +242,20 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
 }
 
 /// The HTTP client's DNS resolver: resolves with the system resolver, then keeps only addresses the
-/// guard accepts (all of them for allowed hosts); none left is an error.
-pub struct GuardedResolver(pub Arc<Guard>);
+/// guard accepts (all of them for the `trusted` names); none left is an error.
+pub struct GuardedResolver {
+    guard: Arc<Guard>,
+    trusted: Vec<String>,
+}
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let guard = self.0.clone();
+        let guard = self.guard.clone();
+        let trusted = self.trusted.iter().any(|t| t == name.as_str());
         Box::pin(async move {
             let host = name.as_str().to_string();
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let trusted = guard
-                .allow_hosts
-                .iter()
-                .any(|a| a == &host || a.rsplit_once(':').is_some_and(|(h, _)| h == host));
             let mut why = None;
             let ok: Vec<SocketAddr> = addrs
                 .into_iter()
@@ -153,6 +270,56 @@ impl reqwest::dns::Resolve for GuardedResolver {
             }
             Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
         })
+    }
+}
+
+/// The relay's HTTP client: the two clients of the module comment, each with its own connection
+/// pool, so a connection made under an allowance is never reused for another URL.
+pub struct WebhookClient {
+    guard: Arc<Guard>,
+    trusted: reqwest::Client,
+    strict: reqwest::Client,
+}
+
+impl WebhookClient {
+    pub fn new(guard: Arc<Guard>, timeout: Duration) -> reqwest::Result<Self> {
+        let build = |trusted: bool| {
+            let names = match trusted {
+                true => guard.allowed_names().map(String::from).collect(),
+                false => Vec::new(),
+            };
+            let redirect_guard = guard.clone();
+            reqwest::Client::builder()
+                .timeout(timeout)
+                .dns_resolver(Arc::new(GuardedResolver {
+                    guard: guard.clone(),
+                    trusted: names,
+                }))
+                .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                    if attempt.previous().len() >= 5 {
+                        return attempt.error("too many redirects");
+                    }
+                    match redirect_guard.check_redirect(attempt.url(), trusted) {
+                        Ok(()) => attempt.follow(),
+                        Err(why) => attempt.error(why),
+                    }
+                }))
+                .build()
+        };
+        Ok(Self {
+            trusted: build(true)?,
+            strict: build(false)?,
+            guard,
+        })
+    }
+
+    /// A POST to `url` (which [`Guard::check_url`] has accepted) on the client its allowance calls
+    /// for.
+    pub fn post(&self, url: Url) -> reqwest::RequestBuilder {
+        match self.guard.allows(&url) {
+            true => self.trusted.post(url),
+            false => self.strict.post(url),
+        }
     }
 }
 
@@ -196,11 +363,7 @@ mod tests {
 
     #[test]
     fn explicit_allowances() {
-        let g = Guard {
-            allow_http: true,
-            allow_private: false,
-            allow_hosts: vec!["127.0.0.1:8080".into()],
-        };
+        let g = Guard::new(true, false, &["127.0.0.1:8080".into()]).unwrap();
         assert!(g.check_url(&url("http://127.0.0.1:8080/hook")).is_ok());
         assert!(g.check_url(&url("http://127.0.0.1:8081/hook")).is_err());
         let open = Guard {
@@ -208,5 +371,183 @@ mod tests {
             ..Guard::default()
         };
         assert!(open.check_url(&url("https://10.0.0.1/")).is_ok());
+    }
+
+    fn allowing(hosts: &[&str]) -> Guard {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        Guard::new(true, false, &hosts).unwrap()
+    }
+
+    #[test]
+    fn allow_host_matches_host_and_port_exactly() {
+        let g = allowing(&[
+            "LocalHost:8080",
+            "127.1:9000",
+            "[FD00::1]:8443",
+            "hooks.internal:443",
+        ]);
+        for yes in [
+            "http://localhost:8080/x",
+            "http://127.0.0.1:9000/",
+            "https://[fd00::1]:8443/",
+            "https://hooks.internal/",
+            "http://hooks.internal:443/",
+        ] {
+            assert!(g.allows(&url(yes)), "{yes}");
+            assert!(g.check_url(&url(yes)).is_ok(), "{yes}");
+        }
+        for no in [
+            "http://localhost:8081/",
+            "http://localhost/",
+            "http://127.0.0.1:9001/",
+            "https://[fd00::1]/",
+            "http://hooks.internal/",
+            "https://hooks.internal:8443/",
+            "https://sub.hooks.internal/",
+        ] {
+            assert!(!g.allows(&url(no)), "{no}");
+        }
+        // Literal addresses on another port are refused outright; names are left to the resolver.
+        assert!(g.check_url(&url("http://127.0.0.1:9001/")).is_err());
+        assert!(g.check_url(&url("https://[fd00::1]/")).is_err());
+    }
+
+    #[test]
+    fn allow_host_entries_need_a_port() {
+        for bad in [
+            "hooks.internal",
+            "[fd00::1]",
+            "fd00::1:8443",
+            "hooks.internal:0",
+            "hooks.internal:65536",
+            "http://hooks.internal:80",
+            "hooks.internal:80/path",
+            "user@hooks.internal:80",
+        ] {
+            let err = Guard::new(false, false, &[bad.into()]).unwrap_err();
+            assert!(err.contains("expected host:port"), "{bad}: {err}");
+        }
+        assert!(Guard::new(false, false, &["".into(), " h:1 ".into()]).is_ok());
+    }
+
+    #[test]
+    fn redirects_get_allowances_only_from_the_trusted_client() {
+        let g = allowing(&["localhost:8080", "127.0.0.1:9000"]);
+        // From an allowed receiver: other allowed URLs, public hosts; not the allowed name on
+        // another port (the trusted resolver would let it through), not private addresses.
+        assert!(
+            g.check_redirect(&url("http://localhost:8080/b"), true)
+                .is_ok()
+        );
+        assert!(
+            g.check_redirect(&url("http://127.0.0.1:9000/"), true)
+                .is_ok()
+        );
+        assert!(g.check_redirect(&url("https://example.com/"), true).is_ok());
+        let err = g
+            .check_redirect(&url("http://localhost:6379/"), true)
+            .unwrap_err();
+        assert!(err.contains("refused"), "{err}");
+        assert!(
+            g.check_redirect(&url("http://127.0.0.1:9001/"), true)
+                .is_err()
+        );
+        // From anywhere else, no allowance.
+        assert!(
+            g.check_redirect(&url("http://127.0.0.1:9000/"), false)
+                .is_err()
+        );
+        assert!(
+            g.check_redirect(&url("https://example.com/"), false)
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_trusted_resolver_accepts_an_allowed_name() {
+        use reqwest::dns::Resolve;
+        let g = Arc::new(allowing(&["localhost:8080"]));
+        let resolver = |trusted: Vec<String>| GuardedResolver {
+            guard: g.clone(),
+            trusted,
+        };
+        let name = || "localhost".parse::<reqwest::dns::Name>().unwrap();
+        let err = match resolver(Vec::new()).resolve(name()).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("localhost resolved on the strict resolver"),
+        };
+        assert!(err.contains("refused localhost"), "{err}");
+        let trusted = resolver(vec!["localhost".into()]);
+        let addrs: Vec<SocketAddr> = trusted.resolve(name()).await.unwrap().collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+    }
+
+    /// A loopback HTTP listener: answers `answer(path)` to one request per connection and counts
+    /// the connections it accepted.
+    async fn listener(
+        answer: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (seen, answer) = (hits.clone(), Arc::new(answer));
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = l.accept().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let n = conn.read(&mut buf).await.unwrap_or(0);
+                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let _ = conn.write_all(answer(&path).as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        (port, hits)
+    }
+
+    fn answer(status: &str, location: Option<String>) -> String {
+        let location = location.map_or(String::new(), |l| format!("location: {l}\r\n"));
+        format!("HTTP/1.1 {status}\r\n{location}content-length: 0\r\nconnection: close\r\n\r\n")
+    }
+
+    /// The client path the relay uses, against listeners on loopback: `--allow-host localhost:R`
+    /// reaches R, and neither a URL nor a redirect reaches another port of `localhost`.
+    #[tokio::test]
+    async fn an_allowed_name_is_not_reached_on_another_port() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (trap, trapped) = listener(|_| answer("200 OK", None)).await;
+        let (receiver, received) = listener(move |path| match path {
+            "/redirect" => answer(
+                "307 Temporary Redirect",
+                Some(format!("http://localhost:{trap}/stolen")),
+            ),
+            _ => answer("200 OK", None),
+        })
+        .await;
+        let g = Arc::new(allowing(&[&format!("localhost:{receiver}")]));
+        let client = WebhookClient::new(g.clone(), Duration::from_secs(5)).unwrap();
+        let send = |u: String| {
+            let u = url(&u);
+            assert!(g.check_url(&u).is_ok(), "{u}");
+            client.post(u).body("{}").send()
+        };
+        let ok = send(format!("http://localhost:{receiver}/hook"))
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        for u in [
+            format!("http://localhost:{trap}/direct"),
+            format!("http://localhost:{receiver}/redirect"),
+        ] {
+            let err = send(u.clone()).await.unwrap_err();
+            let chain = format!("{:?}", err);
+            assert!(chain.contains("refused"), "{u}: {chain}");
+        }
+        assert_eq!(trapped.load(SeqCst), 0, "the other port was reached");
+        assert_eq!(received.load(SeqCst), 2);
     }
 }
