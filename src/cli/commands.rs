@@ -355,6 +355,13 @@ pub struct WebhooksArgs {
     )]
     pub allow_hosts: Vec<String>,
 
+    /// Send webhooks through this HTTP(S) proxy (`http://host:port`, credentials in the URL),
+    /// except to --allow-host receivers. Without it requests go direct: HTTP_PROXY, HTTPS_PROXY,
+    /// ALL_PROXY and NO_PROXY are ignored. The proxy resolves receiver names, so it must refuse
+    /// internal destinations itself; the relay still checks every URL and redirect.
+    #[arg(long, env = "T2I_WEBHOOK_EGRESS_PROXY", hide_env_values = true)]
+    pub egress_proxy: Option<String>,
+
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, env = "T2I_HTTP_ADDR")]
     pub http_addr: Option<std::net::SocketAddr>,

@@ -273,6 +273,59 @@ impl reqwest::dns::Resolve for GuardedResolver {
     }
 }
 
+/// Parses `--egress-proxy`: an `http` or `https` proxy URL, credentials allowed, no path.
+///
+/// With a proxy, the proxy resolves and connects to receivers, so what the relay guards is the URL:
+/// before the request and on every redirect its scheme, its literal address (in every spelling
+/// the URL parser accepts) and its allowance are checked as without a proxy. What the relay cannot
+/// see is what a receiver's name resolves to at the proxy: the proxy must refuse internal
+/// destinations itself. Allowed receivers are called directly, through the trusted client.
+fn parse_egress_proxy(url: &str) -> Result<Url, String> {
+    let bad = |why: &str| format!("--egress-proxy: {why}");
+    let parsed = Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad("an http:// or https:// proxy URL"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if parsed.path() != "/" || parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(bad("a proxy URL has no path"));
+    }
+    Ok(parsed)
+}
+
+/// `--egress-proxy`, parsed and logged (without its credentials); without one, a warning when
+/// proxy variables that the relay ignores are set.
+pub fn egress_proxy(arg: Option<&str>) -> Result<Option<Url>, String> {
+    let Some(arg) = arg.filter(|a| !a.is_empty()) else {
+        let set: Vec<&str> = PROXY_VARIABLES
+            .into_iter()
+            .filter(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+            .collect();
+        if !set.is_empty() {
+            tracing::warn!(ignored = %set.join(","), "the webhook relay ignores proxy variables; use --egress-proxy");
+        }
+        return Ok(None);
+    };
+    let proxy = parse_egress_proxy(arg)?;
+    let port = proxy.port_or_known_default().unwrap_or_default();
+    tracing::info!(
+        proxy = %format!("{}://{}:{port}", proxy.scheme(), proxy.host_str().unwrap_or_default()),
+        "webhooks go through the egress proxy, to --allow-host receivers directly"
+    );
+    Ok(Some(proxy))
+}
+
+const PROXY_VARIABLES: [&str; 6] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
 /// The relay's HTTP client: the two clients of the module comment, each with its own connection
 /// pool, so a connection made under an allowance is never reused for another URL.
 pub struct WebhookClient {
@@ -282,15 +335,29 @@ pub struct WebhookClient {
 }
 
 impl WebhookClient {
-    pub fn new(guard: Arc<Guard>, timeout: Duration) -> reqwest::Result<Self> {
+    /// `egress_proxy`: where every request but one to an allowed URL goes (see
+    /// [`parse_egress_proxy`]); without it every request goes direct, whatever `HTTP_PROXY`,
+    /// `HTTPS_PROXY`, `ALL_PROXY` and `NO_PROXY` say.
+    pub fn new(
+        guard: Arc<Guard>,
+        timeout: Duration,
+        egress_proxy: Option<Url>,
+    ) -> reqwest::Result<Self> {
+        // The proxy's own name is resolved by the same resolver, and the operator chose it.
+        let proxy_name = egress_proxy
+            .as_ref()
+            .and_then(|p| p.host_str())
+            .filter(|h| !is_ip_literal(h))
+            .map(String::from);
         let build = |trusted: bool| {
-            let names = match trusted {
-                true => guard.allowed_names().map(String::from).collect(),
-                false => Vec::new(),
-            };
+            let mut names: Vec<String> = proxy_name.iter().cloned().collect();
+            if trusted {
+                names.extend(guard.allowed_names().map(String::from));
+            }
             let redirect_guard = guard.clone();
-            reqwest::Client::builder()
+            let mut builder = reqwest::Client::builder()
                 .timeout(timeout)
+                .no_proxy()
                 .dns_resolver(Arc::new(GuardedResolver {
                     guard: guard.clone(),
                     trusted: names,
@@ -303,8 +370,14 @@ impl WebhookClient {
                         Ok(()) => attempt.follow(),
                         Err(why) => attempt.error(why),
                     }
-                }))
-                .build()
+                }));
+            if let Some(proxy) = &egress_proxy {
+                let (guard, proxy) = (guard.clone(), proxy.clone());
+                builder = builder.proxy(reqwest::Proxy::custom(move |url| {
+                    (!guard.allows(url)).then(|| proxy.clone())
+                }));
+            }
+            builder.build()
         };
         Ok(Self {
             trusted: build(true)?,
@@ -482,31 +555,35 @@ mod tests {
         assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
     }
 
-    /// A loopback HTTP listener: answers `answer(path)` to one request per connection and counts
-    /// the connections it accepted.
-    async fn listener(
-        answer: impl Fn(&str) -> String + Send + Sync + 'static,
-    ) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    type Seen = Arc<std::sync::Mutex<Vec<String>>>;
+
+    /// A loopback HTTP listener: answers `answer(request line)` to one request per connection and
+    /// records the request line of every connection it accepted.
+    async fn listener(answer: impl Fn(&str) -> String + Send + Sync + 'static) -> (u16, Seen) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (seen, answer) = (hits.clone(), Arc::new(answer));
+        let seen: Seen = Default::default();
+        let (lines, answer) = (seen.clone(), Arc::new(answer));
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = l.accept().await {
-                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let answer = answer.clone();
+                let (lines, answer) = (lines.clone(), answer.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65536];
                     let n = conn.read(&mut buf).await.unwrap_or(0);
                     let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
-                    let _ = conn.write_all(answer(&path).as_bytes()).await;
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    lines.lock().unwrap().push(line.clone());
+                    let _ = conn.write_all(answer(&line).as_bytes()).await;
                     let _ = conn.shutdown().await;
                 });
             }
         });
-        (port, hits)
+        (port, seen)
+    }
+
+    fn path(request_line: &str) -> &str {
+        request_line.split_whitespace().nth(1).unwrap_or("")
     }
 
     fn answer(status: &str, location: Option<String>) -> String {
@@ -518,9 +595,8 @@ mod tests {
     /// reaches R, and neither a URL nor a redirect reaches another port of `localhost`.
     #[tokio::test]
     async fn an_allowed_name_is_not_reached_on_another_port() {
-        use std::sync::atomic::Ordering::SeqCst;
         let (trap, trapped) = listener(|_| answer("200 OK", None)).await;
-        let (receiver, received) = listener(move |path| match path {
+        let (receiver, received) = listener(move |line| match path(line) {
             "/redirect" => answer(
                 "307 Temporary Redirect",
                 Some(format!("http://localhost:{trap}/stolen")),
@@ -529,7 +605,7 @@ mod tests {
         })
         .await;
         let g = Arc::new(allowing(&[&format!("localhost:{receiver}")]));
-        let client = WebhookClient::new(g.clone(), Duration::from_secs(5)).unwrap();
+        let client = WebhookClient::new(g.clone(), Duration::from_secs(5), None).unwrap();
         let send = |u: String| {
             let u = url(&u);
             assert!(g.check_url(&u).is_ok(), "{u}");
@@ -547,7 +623,68 @@ mod tests {
             let chain = format!("{:?}", err);
             assert!(chain.contains("refused"), "{u}: {chain}");
         }
-        assert_eq!(trapped.load(SeqCst), 0, "the other port was reached");
-        assert_eq!(received.load(SeqCst), 2);
+        let trapped = trapped.lock().unwrap().clone();
+        assert!(
+            trapped.is_empty(),
+            "the other port was reached: {trapped:?}"
+        );
+        assert_eq!(received.lock().unwrap().len(), 2);
+    }
+
+    /// With `--egress-proxy`, every URL but an allowed one goes to the proxy (named here by a name
+    /// that resolves to loopback: the proxy's own address is trusted), allowed receivers are called
+    /// directly.
+    #[tokio::test]
+    async fn an_egress_proxy_carries_all_but_allowed_receivers() {
+        let (proxy, proxied) = listener(|_| answer("403 Forbidden", None)).await;
+        let (receiver, received) = listener(|_| answer("200 OK", None)).await;
+        let g = Arc::new(allowing(&[&format!("127.0.0.1:{receiver}")]));
+        let proxy_url = parse_egress_proxy(&format!("http://localhost:{proxy}")).unwrap();
+        let client = WebhookClient::new(g, Duration::from_secs(5), Some(proxy_url)).unwrap();
+        let ok = client
+            .post(url(&format!("http://127.0.0.1:{receiver}/hook")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        assert!(
+            client
+                .post(url("https://receiver.example/hook"))
+                .send()
+                .await
+                .is_err()
+        );
+        let denied = client
+            .post(url("http://receiver.example/hook"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(denied.status(), 403);
+        assert_eq!(
+            *proxied.lock().unwrap(),
+            [
+                "CONNECT receiver.example:443 HTTP/1.1",
+                "POST http://receiver.example/hook HTTP/1.1"
+            ]
+        );
+        assert_eq!(*received.lock().unwrap(), ["POST /hook HTTP/1.1"]);
+    }
+
+    #[test]
+    fn egress_proxy_urls() {
+        for good in [
+            "http://egress:3128",
+            "https://user:pw@egress.internal:8443/",
+        ] {
+            assert!(parse_egress_proxy(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "egress:3128",
+            "socks5://egress:1080",
+            "http://egress:3128/path",
+            "http://",
+        ] {
+            assert!(parse_egress_proxy(bad).is_err(), "{bad}");
+        }
     }
 }

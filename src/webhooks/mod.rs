@@ -339,7 +339,12 @@ pub async fn run(args: WebhooksArgs, shutdown: CancellationToken) -> Result<()> 
             "--webhook-retry-delays must be non-negative seconds".into(),
         ));
     }
-    let client = WebhookClient::new(guard.clone(), Duration::from_secs(args.timeout_s.max(1)))?;
+    let egress_proxy = guard::egress_proxy(args.egress_proxy.as_deref()).map_err(usage)?;
+    let client = WebhookClient::new(
+        guard.clone(),
+        Duration::from_secs(args.timeout_s.max(1)),
+        egress_proxy,
+    )?;
     let health = Health::new();
     let relay = Arc::new(Relay {
         topology: crate::config::topology(&args.broker)?,
