@@ -1,18 +1,24 @@
 //! SSRF guard for webhook URLs: job messages name the URL, so a hostile one must not make the relay
 //! call into the cluster. Refused unless explicitly allowed: plain `http` (HTTPS only by default),
-//! and any address that is loopback, private (RFC 1918, IPv6 ULA), link-local (including the cloud
-//! metadata address 169.254.169.254 and fd00:ec2::254), CGNAT, unspecified, multicast, broadcast or
-//! reserved, including IPv4 addresses embedded in IPv6 (mapped, NAT64). The check runs on the URL's
-//! literal host, on every address a host name resolves to (the HTTP client's resolver is this guard,
-//! so there is no gap between check and connect), and on every redirect target.
+//! and any address that is not public unicast: loopback, private (RFC 1918, IPv6 ULA), link-local
+//! (including the cloud metadata address 169.254.169.254 and fd00:ec2::254), CGNAT, 0.0.0.0/8,
+//! multicast, broadcast, documentation, benchmarking and reserved space, IPv6 outside 2000::/3, and
+//! IPv4 addresses embedded in IPv6 (mapped, translated, compatible, NAT64, 6to4) judged as IPv4;
+//! also `localhost` and names under it. The check runs on the URL's literal host (the URL parser
+//! has already turned decimal, octal, hex and short IPv4 forms into dotted quads), on every address
+//! a host name resolves to (the HTTP client's resolver is this guard, so there is no gap between
+//! check and connect), and on every redirect target.
 
 //! SSRF guard for webhook URLs: job messages name the URL, so a hostile one must not make the relay
 //! call into the cluster. Refused unless explicitly allowed: plain `http` (HTTPS only by default),
-//! and any address that is loopback, private (RFC 1918, IPv6 ULA), link-local (including the cloud
-//! metadata address 169.254.169.254 and fd00:ec2::254), CGNAT, unspecified, multicast, broadcast or
-//! reserved, including IPv4 addresses embedded in IPv6 (mapped, NAT64). The check runs on the URL's
-//! literal host, on every address a host name resolves to (the HTTP client's resolver is this guard,
-//! so there is no gap between check and connect), and on every redirect target.
+//! and any address that is not public unicast: loopback, private (RFC 1918, IPv6 ULA), link-local
+//! (including the cloud metadata address 169.254.169.254 and fd00:ec2::254), CGNAT, 0.0.0.0/8,
+//! multicast, broadcast, documentation, benchmarking and reserved space, IPv6 outside 2000::/3, and
+//! IPv4 addresses embedded in IPv6 (mapped, translated, compatible, NAT64, 6to4) judged as IPv4;
+//! also `localhost` and names under it. The check runs on the URL's literal host (the URL parser
+//! has already turned decimal, octal, hex and short IPv4 forms into dotted quads), on every address
+//! a host name resolves to (the HTTP client's resolver is this guard, so there is no gap between
+//! check and connect), and on every redirect target.
 //!
 //! An `--allow-host host:port` entry covers that host on that port only. The resolver only sees a
 //! name, never a port, so the relay has two clients: one whose resolver accepts any address for the
@@ -158,8 +164,8 @@ impl Guard {
         }
     }
 
-    /// The checks for a URL without an allowance: it has a host, and a literal address must be
-    /// one the guard accepts.
+    /// The checks for a URL without an allowance: it has a host, a literal address must be one
+    /// the guard accepts, and a name must not be a localhost name.
     fn check_unallowed(&self, url: &Url) -> Result<(), String> {
         let host = url
             .host_str()
@@ -168,6 +174,8 @@ impl Guard {
         if let Ok(ip) = bare.parse::<IpAddr>() {
             self.check_ip(ip)
                 .map_err(|why| format!("refused {url}: {why}"))?;
+        } else if !self.allow_private && is_localhost_name(host) {
+            return Err(format!("refused {url}: {host} is a localhost name"));
         }
         Ok(())
     }
@@ -183,36 +191,55 @@ impl Guard {
     }
 }
 
-/// Why an address must not be called, if it must not.
+/// Why an address must not be called, if it must not: everything but public unicast, after the
+/// IANA special-purpose registries (RFC 6890 and successors).
 pub fn forbidden(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => forbidden_v4(v4),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return forbidden_v4(v4);
-            }
-            let s = v6.segments();
-            // NAT64 (64:ff9b::/96) carries an IPv4 address in its last 32 bits.
-            if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-                let v4 = Ipv4Addr::from(((s[6] as u32) << 16) | s[7] as u32);
-                return forbidden_v4(v4);
-            }
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
-            } else if v6.is_multicast() {
-                Some("multicast")
-            } else if (s[0] & 0xfe00) == 0xfc00 {
-                Some("a private (unique local) address")
-            } else if (s[0] & 0xffc0) == 0xfe80 {
-                Some("link-local")
-            } else if v6 == Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 1) {
-                Some("loopback")
-            } else {
-                None
-            }
-        }
+        IpAddr::V6(v6) => forbidden_v6(v6),
+    }
+}
+
+fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    let s = ip.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
+    // Forms that carry an IPv4 address are judged by it: mapped (::ffff:0:0/96), translated
+    // (::ffff:0:0:0/96, RFC 2765), NAT64 (64:ff9b::/96) and 6to4 (2002::/16).
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return forbidden_v4(v4);
+    }
+    if s[..6] == [0, 0, 0, 0, 0xffff, 0] || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return forbidden_v4(v4(s[6], s[7]));
+    }
+    if s[0] == 0x2002 {
+        return forbidden_v4(v4(s[1], s[2]));
+    }
+    if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if (s[0] & 0xfe00) == 0xfc00 {
+        Some("a private (unique local) address")
+    } else if (s[0] & 0xffc0) == 0xfe80 {
+        Some("link-local")
+    } else if (s[0] & 0xffc0) == 0xfec0 {
+        Some("site-local (deprecated)")
+    } else if s[..6] == [0; 6] {
+        Some("IPv4-compatible (deprecated)")
+    } else if s[..3] == [0x64, 0xff9b, 1] {
+        Some("local-use NAT64")
+    } else if s[..4] == [0x100, 0, 0, 0] {
+        Some("discard-only")
+    } else if (s[0] & 0xe000) != 0x2000 {
+        Some("reserved (outside global unicast 2000::/3)")
+    } else if (s[0] == 0x2001 && s[1] == 0x0db8) || (s[0] == 0x3fff && s[1] < 0x1000) {
+        Some("documentation space")
+    } else if s[0] == 0x2001 && s[1] < 0x200 {
+        Some("IETF protocol assignments (Teredo, ORCHID, ...)")
+    } else {
+        None
     }
 }
 
@@ -224,21 +251,32 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("a private address")
     } else if ip.is_link_local() {
         Some("link-local (cloud metadata lives here)")
-    } else if ip.is_unspecified() || o[0] == 0 {
-        Some("unspecified")
+    } else if o[0] == 0 {
+        Some("unspecified (0.0.0.0/8)")
     } else if ip.is_broadcast() || ip.is_multicast() {
         Some("broadcast or multicast")
     } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
         Some("shared (CGNAT) address space")
-    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+    } else if o[..3] == [192, 0, 0] {
         Some("IETF protocol assignments")
+    } else if o[..3] == [192, 0, 2] || o[..3] == [198, 51, 100] || o[..3] == [203, 0, 113] {
+        Some("documentation space")
     } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
         Some("benchmarking space")
+    } else if o[..3] == [192, 88, 99] {
+        Some("6to4 relay anycast (deprecated)")
     } else if o[0] >= 240 {
         Some("reserved")
     } else {
         None
     }
+}
+
+/// `localhost` and the names under it, which resolve to loopback (RFC 6761): refused before any
+/// lookup, which matters where the relay does not resolve (through an egress proxy).
+fn is_localhost_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host == "localhost" || host.ends_with(".localhost")
 }
 
 /// The HTTP client's DNS resolver: resolves with the system resolver, then keeps only addresses the
@@ -605,12 +643,9 @@ mod tests {
         })
         .await;
         let g = Arc::new(allowing(&[&format!("localhost:{receiver}")]));
-        let client = WebhookClient::new(g.clone(), Duration::from_secs(5), None).unwrap();
-        let send = |u: String| {
-            let u = url(&u);
-            assert!(g.check_url(&u).is_ok(), "{u}");
-            client.post(u).body("{}").send()
-        };
+        let client = WebhookClient::new(g, Duration::from_secs(5), None).unwrap();
+        // The client alone: the relay's check_url, which runs first, refuses localhost names anyway.
+        let send = |u: String| client.post(url(&u)).body("{}").send();
         let ok = send(format!("http://localhost:{receiver}/hook"))
             .await
             .unwrap();
@@ -686,5 +721,108 @@ mod tests {
         ] {
             assert!(parse_egress_proxy(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn reserved_ranges_are_refused() {
+        for bad in [
+            "0.1.2.3",
+            "100.127.255.254",
+            "192.0.0.8",
+            "192.0.2.1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.7",
+            "203.0.113.9",
+            "192.88.99.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:10.0.0.1",
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:169.254.169.254",
+            "::127.0.0.1",
+            "::8.8.8.8",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b:1::a00:1",
+            "100::1",
+            "2001::1",
+            "2001:10::1",
+            "2001:20::1",
+            "2001:db8::1",
+            "3fff::1",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "5f00::1",
+            "fc00::1",
+            "fec0::1",
+            "fe80::1",
+            "ff02::1",
+            "4000::1",
+        ] {
+            let ip: IpAddr = bad.parse().unwrap();
+            assert!(forbidden(ip).is_some(), "{bad}");
+        }
+        for good in [
+            "1.1.1.1",
+            "93.184.215.14",
+            "100.128.0.1",
+            "192.0.3.1",
+            "198.20.0.1",
+            "203.0.114.1",
+            "2606:4700::1",
+            "2a00:1450::1",
+            "::ffff:93.184.215.14",
+            "64:ff9b::5db8:d70e",
+            "2002:5db8:d70e::1",
+            "2001:200::1",
+        ] {
+            let ip: IpAddr = good.parse().unwrap();
+            assert_eq!(forbidden(ip), None, "{good}");
+        }
+    }
+
+    /// What the URL parser makes of each spelling of a loopback or unspecified address, and that
+    /// the guard refuses every one of them.
+    #[test]
+    fn every_spelling_of_loopback_is_refused() {
+        for (spelling, host) in [
+            ("2130706433", "127.0.0.1"),
+            ("0177.0.0.1", "127.0.0.1"),
+            ("0x7f.0.0.1", "127.0.0.1"),
+            ("0x7f000001", "127.0.0.1"),
+            ("127.1", "127.0.0.1"),
+            ("0x7f.1", "127.0.0.1"),
+            ("127.0.0.1.", "127.0.0.1"),
+            ("%31%32%37.0.0.1", "127.0.0.1"),
+            ("\u{ff11}\u{ff12}\u{ff17}.0.0.1", "127.0.0.1"),
+            ("0", "0.0.0.0"),
+            ("0x0", "0.0.0.0"),
+            ("[::ffff:127.0.0.1]", "[::ffff:7f00:1]"),
+            ("[0:0:0:0:0:ffff:7f00:1]", "[::ffff:7f00:1]"),
+            ("[::ffff:0:127.0.0.1]", "[::ffff:0:7f00:1]"),
+            ("[::127.0.0.1]", "[::7f00:1]"),
+            ("[64:ff9b::127.0.0.1]", "[64:ff9b::7f00:1]"),
+            ("[2002:7f00:1::1]", "[2002:7f00:1::1]"),
+            ("[::]", "[::]"),
+            ("[0::1]", "[::1]"),
+            ("LocalHost", "localhost"),
+            ("localhost.", "localhost."),
+            ("hooks.localhost", "hooks.localhost"),
+            ("%6c%6fcalhost", "localhost"),
+        ] {
+            let u = url(&format!("https://{spelling}:8443/x"));
+            assert_eq!(u.host_str(), Some(host), "{spelling}");
+            let err = Guard::default().check_url(&u).unwrap_err();
+            assert!(err.starts_with("refused"), "{spelling}: {err}");
+        }
+        // Explicit allowances still cover them, and --allow-private-networks lets all through.
+        let g = allowing(&["localhost:8443"]);
+        assert!(g.check_url(&url("http://localhost:8443/")).is_ok());
+        assert!(g.check_url(&url("http://localhost:8444/")).is_err());
+        let open = Guard::new(true, true, &[]).unwrap();
+        assert!(open.check_url(&url("http://localhost:1/")).is_ok());
     }
 }
