@@ -8,23 +8,16 @@
 //! has already turned decimal, octal, hex and short IPv4 forms into dotted quads), on every address
 //! a host name resolves to (the HTTP client's resolver is this guard, so there is no gap between
 //! check and connect), and on every redirect target.
-
-//! SSRF guard for webhook URLs: job messages name the URL, so a hostile one must not make the relay
-//! call into the cluster. Refused unless explicitly allowed: plain `http` (HTTPS only by default),
-//! and any address that is not public unicast: loopback, private (RFC 1918, IPv6 ULA), link-local
-//! (including the cloud metadata address 169.254.169.254 and fd00:ec2::254), CGNAT, 0.0.0.0/8,
-//! multicast, broadcast, documentation, benchmarking and reserved space, IPv6 outside 2000::/3, and
-//! IPv4 addresses embedded in IPv6 (mapped, translated, compatible, NAT64, 6to4) judged as IPv4;
-//! also `localhost` and names under it. The check runs on the URL's literal host (the URL parser
-//! has already turned decimal, octal, hex and short IPv4 forms into dotted quads), on every address
-//! a host name resolves to (the HTTP client's resolver is this guard, so there is no gap between
-//! check and connect), and on every redirect target.
 //!
 //! An `--allow-host host:port` entry covers that host on that port only. The resolver only sees a
 //! name, never a port, so the relay has two clients: one whose resolver accepts any address for the
 //! allowed names, used only for a URL whose host and port are an entry exactly, and which follows
 //! redirects only to such URLs or to hosts that are not allowed names; and one whose resolver checks
 //! every address, for everything else, which gives no allowance to redirect targets.
+//!
+//! Both clients ignore `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` and `NO_PROXY` (through a proxy the
+//! resolver would never see the receiver's name); `--egress-proxy` names a proxy explicitly, and
+//! `parse_egress_proxy` says what is guarded then.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -374,7 +367,7 @@ pub struct WebhookClient {
 
 impl WebhookClient {
     /// `egress_proxy`: where every request but one to an allowed URL goes (see
-    /// [`parse_egress_proxy`]); without it every request goes direct, whatever `HTTP_PROXY`,
+    /// `parse_egress_proxy`); without it every request goes direct, whatever `HTTP_PROXY`,
     /// `HTTPS_PROXY`, `ALL_PROXY` and `NO_PROXY` say.
     pub fn new(
         guard: Arc<Guard>,
