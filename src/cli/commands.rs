@@ -357,13 +357,22 @@ pub struct WebhooksArgs {
     #[arg(long, env = "T2I_WEBHOOK_ALLOW_PRIVATE")]
     pub allow_private_networks: bool,
 
-    /// `host:port` always allowed, whatever it resolves to (repeatable), e.g. an in-cluster receiver.
+    /// `host:port` allowed whatever it resolves to (repeatable), e.g. an in-cluster receiver. Only
+    /// that port (the scheme's default when a URL names none): the host's other ports are guarded
+    /// as usual, and a redirect gets the allowance only from an allowed receiver.
     #[arg(
         long = "allow-host",
         env = "T2I_WEBHOOK_ALLOW_HOSTS",
         value_delimiter = ','
     )]
     pub allow_hosts: Vec<String>,
+
+    /// Send webhooks through this HTTP(S) proxy (`http://host:port`, credentials in the URL),
+    /// except to --allow-host receivers. Without it requests go direct: HTTP_PROXY, HTTPS_PROXY,
+    /// ALL_PROXY and NO_PROXY are ignored. The proxy resolves receiver names, so it must refuse
+    /// internal destinations itself; the relay still checks every URL and redirect.
+    #[arg(long, env = "T2I_WEBHOOK_EGRESS_PROXY", hide_env_values = true)]
+    pub egress_proxy: Option<String>,
 
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, env = "T2I_HTTP_ADDR")]

@@ -27,7 +27,7 @@ use crate::cli::{UsageError, WebhooksArgs};
 use crate::events::{CloudEvent, EventKind};
 use crate::health::Health;
 use crate::queue::{Connection, Delivery, Publisher, QueueError, Reconnect, Topology};
-use guard::{Guard, GuardedResolver};
+use guard::{Guard, WebhookClient};
 use sign::Secret;
 
 const TARGET_HEADER: &str = "x-t2i-webhook-target";
@@ -85,7 +85,7 @@ struct Relay {
     health: Arc<Health>,
     secret: Secret,
     guard: Arc<Guard>,
-    client: reqwest::Client,
+    client: WebhookClient,
     endpoints: Vec<reqwest::Url>,
     endpoint_events: Vec<EventKind>,
     delays: Vec<Duration>,
@@ -305,11 +305,14 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
 pub async fn run(args: WebhooksArgs, shutdown: CancellationToken) -> Result<()> {
     let usage = |m: String| anyhow::Error::from(UsageError(m));
     let secret = Secret::parse(&args.secret).map_err(usage)?;
-    let guard = Arc::new(Guard {
-        allow_http: args.allow_http,
-        allow_private: args.allow_private_networks,
-        allow_hosts: args.allow_hosts.clone(),
-    });
+    let guard = Arc::new(
+        Guard::new(
+            args.allow_http,
+            args.allow_private_networks,
+            &args.allow_hosts,
+        )
+        .map_err(usage)?,
+    );
     let mut endpoints = Vec::new();
     for e in args.endpoints.iter().filter(|e| !e.is_empty()) {
         let url = reqwest::Url::parse(e).map_err(|err| usage(format!("--endpoint {e}: {err}")))?;
@@ -341,20 +344,12 @@ pub async fn run(args: WebhooksArgs, shutdown: CancellationToken) -> Result<()> 
             "--webhook-retry-delays must be non-negative seconds".into(),
         ));
     }
-    let redirect_guard = guard.clone();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(args.timeout_s.max(1)))
-        .dns_resolver(Arc::new(GuardedResolver(guard.clone())))
-        .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= 5 {
-                return attempt.error("too many redirects");
-            }
-            match redirect_guard.check_url(attempt.url()) {
-                Ok(()) => attempt.follow(),
-                Err(why) => attempt.error(why),
-            }
-        }))
-        .build()?;
+    let egress_proxy = guard::egress_proxy(args.egress_proxy.as_deref()).map_err(usage)?;
+    let client = WebhookClient::new(
+        guard.clone(),
+        Duration::from_secs(args.timeout_s.max(1)),
+        egress_proxy,
+    )?;
     let health = Health::new();
     let relay = Arc::new(Relay {
         topology: crate::config::topology(&args.broker)?,
