@@ -4,6 +4,9 @@ as `t2i bench --json` (one JSON object per batch size, "implementation": "diffus
 
     python scripts/bench/diffusers_bench.py --model DIR --width 512 --height 512 --steps 4 --batch-sizes 1,2
 
+With `--generate-to FILE` it is instead what a user runs once: load, render one image, write it as a PNG
+(the diffusers side of `compare.py --whole-process`, which times the whole process from outside).
+
 Same prompt, sampler (built from the model's scheduler config as t2i does), guidance and step count as
 `t2i bench`; initial latents are drawn per image from a fixed seed. Attention uses PyTorch SDPA (the
 diffusers default). Needs scripts/parity/requirements.txt (+ a CUDA build of torch for --device cuda).
@@ -45,6 +48,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--generate-to", help="render one image to this PNG and exit (whole-process runs)")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype]
 
@@ -56,6 +60,12 @@ def main():
     pipe.scheduler = make_scheduler(args.scheduler, dict(pipe.scheduler.config))
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     cfg = args.guidance_scale > 1
+    if args.generate_to:
+        with torch.no_grad():
+            image = pipe(prompt=PROMPT, width=args.width, height=args.height, num_inference_steps=args.steps,
+                         guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(0)).images[0]
+        image.save(args.generate_to)
+        return
 
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         latents = torch.cat([

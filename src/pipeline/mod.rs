@@ -191,24 +191,45 @@ impl Pipeline {
             report.total = started.elapsed();
             Ok((built, report))
         }
-        let (text_encoder_1, te1) =
-            build(vb("text_encoder", "model", dtype)?, "text_encoder", |v| {
-                ClipTextEncoder::load(v, &te1_config, false)
-            })?;
-        let (text_encoder_2, te2) = build(
-            vb("text_encoder_2", "model", dtype)?,
-            "text_encoder_2",
-            |v| ClipTextEncoder::load(v, &te2_config, true),
-        )?;
-        let (unet, unet_load) =
+        let load_unet = || {
             build(vb("unet", "diffusion_pytorch_model", dtype)?, "unet", |v| {
                 UNet::load(v, &unet_config)
+            })
+        };
+        let load_others = || {
+            let te1 = build(vb("text_encoder", "model", dtype)?, "text_encoder", |v| {
+                ClipTextEncoder::load(v, &te1_config, false)
             })?;
-        let (vae, vae_load) = build(
-            vb("vae", "diffusion_pytorch_model", vae_dtype)?,
-            "vae",
-            |v| VaeDecoder::load(v, &vae_config),
-        )?;
+            let te2 = build(
+                vb("text_encoder_2", "model", dtype)?,
+                "text_encoder_2",
+                |v| ClipTextEncoder::load(v, &te2_config, true),
+            )?;
+            let vae = build(
+                vb("vae", "diffusion_pytorch_model", vae_dtype)?,
+                "vae",
+                |v| VaeDecoder::load(v, &vae_config),
+            )?;
+            Ok::<_, PipelineError>((te1, te2, vae))
+        };
+        // On CPU the UNet (over half of the bytes) loads on a thread of its own while the text
+        // encoders and the VAE load here: reading and building tensors is memory-bound copying
+        // and page faulting, which the second core speeds up. Other devices load on one thread
+        // until a device run has checked concurrent uploads there.
+        let (unet, others) = if opts.device.is_cpu() {
+            std::thread::scope(|s| {
+                let unet = s.spawn(load_unet);
+                let others = load_others();
+                let unet = unet
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (unet, others)
+            })
+        } else {
+            (load_unet(), load_others())
+        };
+        let ((unet, unet_load), ((text_encoder_1, te1), (text_encoder_2, te2), (vae, vae_load))) =
+            (unet?, others?);
         let load_report = vec![te1, te2, unet_load, vae_load];
         Ok(Self {
             root: root.to_path_buf(),
