@@ -134,28 +134,9 @@ impl Connection {
     /// A private queue bound to the control fanout: every worker gets every control message.
     /// Deliveries need no ack (a lost control message is resent by the operator).
     pub async fn subscribe_control(&self, topology: &Topology) -> Result<Consumer, QueueError> {
-        let ch = self.channel().await?;
-        let q = declare_private_queue(&ch).await?;
-        ch.queue_bind(
-            q.name().clone(),
-            topology.control_exchange().as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        let inner = ch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(Consumer::new_no_ack(ch, String::new(), inner))
+        let exchange = topology.control_exchange();
+        let (_, consumer) = self.private_consumer(&exchange, &[""]).await?;
+        Ok(consumer)
     }
 
     /// A private queue bound to `kinds` on the events exchange, for clients that follow jobs.
@@ -165,36 +146,37 @@ impl Connection {
         topology: &Topology,
         kinds: &[EventKind],
     ) -> Result<Consumer, QueueError> {
+        let exchange = topology.events_exchange();
+        let keys: Vec<&str> = kinds.iter().map(|k| k.routing_key()).collect();
+        let (_, consumer) = self.private_consumer(&exchange, &keys).await?;
+        Ok(consumer)
+    }
+
+    /// A private queue for `reply_to` answers (the default exchange routes to it by name): its
+    /// name, and its consumer.
+    pub async fn reply_queue(&self) -> Result<(String, Consumer), QueueError> {
+        self.private_consumer("", &[]).await
+    }
+
+    /// A private queue on a channel of its own, bound to `exchange` with each of `keys`, consumed
+    /// without acks: its server-given name and its consumer.
+    async fn private_consumer(
+        &self,
+        exchange: &str,
+        keys: &[&str],
+    ) -> Result<(String, Consumer), QueueError> {
         let ch = self.channel().await?;
         let q = declare_private_queue(&ch).await?;
-        for kind in kinds {
+        for key in keys {
             ch.queue_bind(
                 q.name().clone(),
-                topology.events_exchange().as_str().into(),
-                kind.routing_key().into(),
+                exchange.into(),
+                (*key).into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await?;
         }
-        let inner = ch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(Consumer::new_no_ack(ch, String::new(), inner))
-    }
-
-    /// A private queue for `reply_to` answers: its name, and its consumer.
-    pub async fn reply_queue(&self) -> Result<(String, Consumer), QueueError> {
-        let ch = self.channel().await?;
-        let q = declare_private_queue(&ch).await?;
         let inner = ch
             .basic_consume(
                 q.name().clone(),
