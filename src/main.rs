@@ -30,7 +30,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&cli.log, &cli.log_format);
+    init_logging(cli.log.as_deref(), &cli.log_format);
     let result = match cli.command {
         // Local, synchronous work: the model runs on this thread (and candle's own pool).
         Command::Generate(args) => t2i_worker::generate::run(args),
@@ -115,9 +115,15 @@ fn pin_thread_count() {
     }
 }
 
-fn init_logging(filter: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+/// `--log`/`T2I_LOG` first, then `RUST_LOG` (what operators and the tracing ecosystem reach for),
+/// then `info`; a filter that does not parse falls back to `info` rather than silence.
+fn init_logging(flag: Option<&str>, format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match flag {
+        Some(f) => EnvFilter::try_new(f).ok(),
+        None => EnvFilter::try_from_default_env().ok(),
+    }
+    .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
