@@ -462,22 +462,29 @@ async fn storage_outage_of_twenty_seconds_is_retried_until_every_job_finishes() 
         .filter(|e| e.data.attempt > 1)
         .count();
     assert!(retried > 0, "the outage should have caused retries");
-    let (_, metrics) = w.http_get("/metrics").unwrap();
-    let value = |name: &str| -> f64 {
+    let value = |metrics: &str, name: &str| -> f64 {
         metrics
             .lines()
             .find(|l| l.starts_with(&format!("{name} ")))
             .and_then(|l| l.split_whitespace().last()?.parse().ok())
             .unwrap_or_else(|| panic!("{name} in {metrics}"))
     };
+    // A success is counted once its publish is confirmed, which can come a moment after the
+    // event reached our consumer: wait for the count to settle, then require it exact.
+    let succeeded = "t2i_jobs_total{outcome=\"succeeded\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, m) = w.http_get("/metrics").unwrap();
+        if value(&m, succeeded) >= ids.len() as f64 || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let value = |name: &str| value(&metrics, name);
     // Retries are counted apart from outcomes, and every job still ends as one success.
     assert!(value("t2i_job_retries_total") >= 1.0, "{metrics}");
     assert!(!metrics.contains("outcome=\"retried\""), "{metrics}");
-    assert_eq!(
-        value("t2i_jobs_total{outcome=\"succeeded\"}"),
-        ids.len() as f64,
-        "{metrics}"
-    );
+    assert_eq!(value(succeeded), ids.len() as f64, "{metrics}");
     world.cleanup().await;
 }
 
