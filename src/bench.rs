@@ -16,7 +16,7 @@ use crate::cli::{BenchArgs, UsageError};
 use crate::config::ModelConfig;
 use crate::job::{Generation, Limits, ModelDefaults};
 use crate::pipeline::ops::profile::{self, Op, Phase, Profile};
-use crate::pipeline::{ImageSpec, Pipeline, RenderBatch, cost};
+use crate::pipeline::{ImageSpec, RenderBatch, cost};
 
 /// The prompt every benchmark image renders (its length, not its words, sets the text encoders' cost).
 const PROMPT: &str = "a photo of an astronaut riding a horse on the moon";
@@ -203,7 +203,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let start = Instant::now();
             let r = p
                 .render(&batch, &mut |_| {
-                    if let Some(used) = device_memory_used(p) {
+                    if let Some(used) = crate::device::memory_used(p.device()) {
                         device_peak = Some(device_peak.map_or(used, |m| m.max(used)));
                     }
                     ControlFlow::Continue(())
@@ -296,17 +296,4 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// Used memory of the CUDA device (the whole device, as `nvidia-smi` shows it).
-#[cfg(feature = "cuda")]
-fn device_memory_used(p: &Pipeline) -> Option<u64> {
-    let dev = p.device().as_cuda_device().ok()?;
-    let (free, total) = dev.cuda_stream().context().mem_get_info().ok()?;
-    Some((total - free) as u64)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn device_memory_used(_: &Pipeline) -> Option<u64> {
-    None
 }

@@ -66,6 +66,21 @@ pub fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
+/// Used memory of the CUDA device (the whole device, as `nvidia-smi` shows it); `None` on other
+/// devices, which have no such query. Shared by `t2i bench` and the worker's
+/// `t2i_device_memory_bytes`.
+#[cfg(feature = "cuda")]
+pub fn memory_used(device: &Device) -> Option<u64> {
+    let dev = device.as_cuda_device().ok()?;
+    let (free, total) = dev.cuda_stream().context().mem_get_info().ok()?;
+    Some((total - free) as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn memory_used(_: &Device) -> Option<u64> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

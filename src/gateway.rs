@@ -8,7 +8,8 @@
 //!   for the terminal event (timeout: `--wait-timeout-s`), then answers with the image URLs or the
 //!   error. The shape of the Flask demo this product replaces.
 //! * `GET /openapi.json`, and `/healthz`, `/readyz` (connected to the broker), `/metrics` from
-//!   [`crate::health`].
+//!   [`crate::health`], which also counts every request by route template and status, with its
+//!   latency ([`HttpMetrics`]).
 //!
 //! Errors are JSON: `{"error": {"code", "message", "field"?, "value"?}}` with 400/401/404/413/415/
 //! 422/503/504. With `--auth-token`, every `/v1` and `/generate-image` call needs `Authorization:
@@ -35,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::GatewayArgs;
 use crate::events::{CloudEvent, EventData};
-use crate::health::Health;
+use crate::health::{Health, HttpMetrics};
 use crate::job::message::MAX_BODY_BYTES;
 use crate::job::{JobId, ModelDefaults, parse_job_body};
 use crate::queue::{
@@ -511,7 +512,8 @@ async fn open_session(app: &Arc<App>, conn: &Connection) -> Result<Consumer> {
 
 fn router(app: Arc<App>) -> Router {
     let health = app.health.router();
-    Router::new()
+    let http_metrics = HttpMetrics::new(app.health.registry());
+    let routes = Router::new()
         .route("/v1/jobs", post(submit))
         .route("/v1/jobs/{id}", get(status))
         .route("/generate-image", post(generate))
@@ -519,7 +521,9 @@ fn router(app: Arc<App>) -> Router {
         // One byte over the contract's limit reaches the handler, which answers 413 in JSON.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES + 1))
         .with_state(app)
-        .merge(health)
+        .merge(health);
+    // Last, so it sees every route (health ones included) and the fallback.
+    http_metrics.layer(routes)
 }
 
 pub async fn run(args: GatewayArgs, shutdown: CancellationToken) -> Result<()> {

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&cli.log, &cli.log_format);
+    init_logging(cli.log.as_deref(), &cli.log_format);
     let result = match cli.command {
         // Local, synchronous work: the model runs on this thread (and candle's own pool).
         Command::Generate(args) => t2i_worker::generate::run(args),
@@ -115,9 +115,18 @@ fn pin_thread_count() {
     }
 }
 
-fn init_logging(filter: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+/// `--log`/`T2I_LOG` first, then `RUST_LOG` (what operators and the tracing ecosystem reach for),
+/// then `info`; an empty or unparsable filter falls back to `info` rather than silence.
+fn log_filter(flag: Option<&str>, rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    flag.or(rust_log)
+        .filter(|f| !f.trim().is_empty())
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"))
+}
+
+fn init_logging(flag: Option<&str>, format: &str) {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = log_filter(flag, rust_log.as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -125,5 +134,20 @@ fn init_logging(filter: &str, format: &str) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn the_flag_wins_then_rust_log_then_info() {
+        let f = |flag, env| log_filter(flag, env).to_string();
+        assert_eq!(f(Some("warn"), Some("debug")), "warn");
+        assert_eq!(f(None, Some("t2i_worker=debug")), "t2i_worker=debug");
+        assert_eq!(f(None, None), "info");
+        assert_eq!(f(None, Some("")), "info");
+        assert_eq!(f(Some("=[bad"), None), "info");
     }
 }

@@ -2,7 +2,8 @@
 # Offline checks of the deployment files: hadolint on the Dockerfiles, the Kubernetes manifests
 # rendered with kustomize and validated against the Kubernetes schemas, KEDA resources against
 # KEDA's CRD schemas, docker/compose.yaml against the Compose Specification schema, and
-# schemas/asyncapi.yaml (YAML, AsyncAPI 3, every $ref resolving).
+# schemas/asyncapi.yaml (YAML, AsyncAPI 3, every $ref resolving), the alert rules and dashboard of
+# infra/base/monitoring (structure, every metric they query known).
 # Needs kubectl (kustomize built in) and the Python packages of scripts/requirements-test.txt
 # (scripts/test.sh installs both); PYTHON picks the interpreter (default: python3). The KEDA and
 # Compose schemas are vendored in scripts/deploy/schemas; nothing outside the repository is read,

@@ -19,9 +19,10 @@ use clap::{Args, Parser, Subcommand};
     about = "Text-to-image with SDXL-family models (SSD-1B, SDXL, Vega) in candle"
 )]
 pub struct Cli {
-    /// Log verbosity filter (tracing EnvFilter syntax), e.g. `info`, `t2i_worker=debug`.
-    #[arg(long, env = "T2I_LOG", default_value = "warn", global = true)]
-    pub log: String,
+    /// Log verbosity filter (tracing EnvFilter syntax), e.g. `warn`, `t2i_worker=debug`. Without
+    /// it, `RUST_LOG`, else `info` (startup, connections, rejections and retries are info).
+    #[arg(long, env = "T2I_LOG", global = true)]
+    pub log: Option<String>,
 
     /// Log format: `text` or `json` (one object per line).
     #[arg(long, env = "T2I_LOG_FORMAT", default_value = "text", global = true)]

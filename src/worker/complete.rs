@@ -169,6 +169,23 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
         }
     }
 
+    /// Announces a terminal event and counts `outcome` once it is out: an announcement that fails
+    /// leaves the delivery for redelivery, which counts it then (so every job counts once).
+    async fn announce_terminal(
+        &self,
+        kind: EventKind,
+        data: EventData,
+        reply: Option<&ReplyTo>,
+        then: Outcome,
+        outcome: &str,
+    ) -> Outcome {
+        let settled = self.announce(kind, data, reply, then).await;
+        if settled != Outcome::Abandoned {
+            self.metrics.outcome(outcome);
+        }
+        settled
+    }
+
     /// Carries out `action` for `job`.
     pub async fn act(&self, job: &Job, meta: &JobMeta, action: Action) -> Outcome {
         match action {
@@ -178,9 +195,8 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
                 timing,
             } => self.complete(job, meta, images, truncated, timing).await,
             Action::Reannounce(stored) => {
-                self.metrics.outcome("reannounced");
-                let reply = meta.reply_to.as_ref();
-                self.announce(EventKind::Succeeded, *stored, reply, Outcome::Completed)
+                let (kind, reply) = (EventKind::Succeeded, meta.reply_to.as_ref());
+                self.announce_terminal(kind, *stored, reply, Outcome::Completed, "reannounced")
                     .await
             }
             Action::End(kind) => self.end_early(job, meta, kind).await,
@@ -233,9 +249,14 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
             metadata: None,
         };
         tracing::info!(job = %key, field = %rejection.field, reason = %rejection.reason, "rejected");
-        self.metrics.outcome("rejected");
-        self.announce(EventKind::Failed, data, reply, Outcome::Rejected)
-            .await
+        self.announce_terminal(
+            EventKind::Failed,
+            data,
+            reply,
+            Outcome::Rejected,
+            "rejected",
+        )
+        .await
     }
 
     /// Deadline passed or canceled, before or during rendering.
@@ -254,8 +275,8 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
             field: None,
             retryable: false,
         });
-        self.metrics.outcome(kind.status());
-        self.announce(kind, data, meta.reply_to.as_ref(), Outcome::Completed)
+        let reply = meta.reply_to.as_ref();
+        self.announce_terminal(kind, data, reply, Outcome::Completed, kind.status())
             .await
     }
 
@@ -271,9 +292,8 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
                 ErrorCode::Oom | ErrorCode::Timeout | ErrorCode::UploadFailed
             ),
         });
-        self.metrics.outcome("failed");
         let reply = meta.reply_to.as_ref();
-        self.announce(EventKind::Failed, data, reply, Outcome::Rejected)
+        self.announce_terminal(EventKind::Failed, data, reply, Outcome::Rejected, "failed")
             .await
     }
 
@@ -281,7 +301,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
     async fn retry_or_fail(&self, job: &Job, meta: &JobMeta, error: String) -> Outcome {
         if meta.attempt < self.max_attempts {
             tracing::warn!(job = %job.job_id, attempt = meta.attempt, %error, "transient failure; retrying later");
-            self.metrics.outcome("retried");
+            self.metrics.retries.inc();
             return Outcome::Retry;
         }
         let message = format!("giving up after attempt {}: {error}", self.max_attempts);
@@ -313,10 +333,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
             }
         };
         let encode_time = encode_start.elapsed();
-        self.metrics
-            .phase
-            .with_label_values(&["encode"])
-            .observe(encode_time.as_secs_f64());
+        self.metrics.job_encode.observe(encode_time.as_secs_f64());
 
         let upload_start = Instant::now();
         let records = match self.upload(job, encoded).await {
@@ -352,16 +369,12 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
         {
             return self.retry_or_fail(job, meta, e.to_string()).await;
         }
-        self.metrics
-            .phase
-            .with_label_values(&["upload"])
-            .observe(upload_time.as_secs_f64());
-        let reply = meta.reply_to.as_ref();
+        self.metrics.job_upload.observe(upload_time.as_secs_f64());
+        let (kind, reply) = (EventKind::Succeeded, meta.reply_to.as_ref());
         let outcome = self
-            .announce(EventKind::Succeeded, data, reply, Outcome::Completed)
+            .announce_terminal(kind, data, reply, Outcome::Completed, "succeeded")
             .await;
         if outcome == Outcome::Completed {
-            self.metrics.outcome("succeeded");
             self.metrics.images.inc_by(job.generation.num_images as u64);
         }
         outcome

@@ -303,3 +303,49 @@ async fn intake_reannounces_a_stored_result_and_retries_when_the_store_is_down()
         Intake::Settled(_, Action::RetryOrFail(_))
     ));
 }
+
+/// `t2i_jobs_total` counts each terminal outcome once, when it is announced; a retry is
+/// `t2i_job_retries_total` only; an announcement that fails counts nothing (the redelivery will).
+#[tokio::test]
+async fn every_terminal_path_counts_once_and_retries_apart() {
+    let counts = |c: &Completion<MemoryStore, RecordingSink>| {
+        let m = &c.metrics;
+        let all: Vec<u64> = super::super::metrics::OUTCOMES
+            .iter()
+            .map(|o| m.outcome_count(o))
+            .collect();
+        (all, m.retries.get())
+    };
+    let cases: Vec<(Action, u32, &str)> = vec![
+        (rendered(2), 1, "succeeded"),
+        (Action::End(EventKind::Expired), 1, "expired"),
+        (Action::End(EventKind::Canceled), 1, "canceled"),
+        (Action::Fail(ErrorCode::Oom, "oom".into()), 1, "failed"),
+        (Action::RetryOrFail("s3 down".into()), 3, "failed"),
+    ];
+    for (action, attempt, outcome) in cases {
+        let c = completion(3);
+        c.act(&fox(), &meta(attempt), action).await;
+        let (all, retries) = counts(&c);
+        assert_eq!(all.iter().sum::<u64>(), 1, "{outcome}: {all:?}");
+        assert_eq!(c.metrics.outcome_count(outcome), 1, "{outcome}");
+        assert_eq!(retries, 0, "{outcome}");
+    }
+    let c = completion(3);
+    assert_eq!(
+        c.act(&fox(), &meta(1), Action::RetryOrFail("s3 down".into()))
+            .await,
+        Outcome::Retry
+    );
+    assert_eq!(counts(&c), (vec![0; 6], 1), "a retry is not an outcome");
+    let r = crate::job::Rejection::new("width", 65, "must be a multiple of 8");
+    c.reject_body(b"{}", None, None, None, r).await;
+    assert_eq!(c.metrics.outcome_count("rejected"), 1);
+    let c = completion(3);
+    c.sink.fail.store(true, Ordering::Relaxed);
+    assert_eq!(
+        c.act(&fox(), &meta(1), rendered(1)).await,
+        Outcome::Abandoned
+    );
+    assert_eq!(counts(&c), (vec![0; 6], 0), "unannounced: not counted");
+}

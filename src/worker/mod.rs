@@ -45,6 +45,8 @@ pub struct InHand {
     pub job: Job,
     pub meta: JobMeta,
     pub delivery: Delivery,
+    /// Counts it in `t2i_jobs_held` until it is dropped, however it leaves.
+    pub held: metrics::Held,
 }
 
 /// What every session of the process shares.
@@ -76,7 +78,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
             .await
             .with_context(|| format!("opening storage {}", cfg.storage))?,
     );
-    let (runner, defaults) = warm_up(&cfg).await?;
+    let (runner, defaults, device) = warm_up(&cfg).await?;
+    metrics.watch_device(health.registry(), &device);
     let shared = Shared {
         cfg: Arc::new(cfg),
         defaults,
@@ -123,7 +126,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
 
 /// Loads the model, renders one tiny image (the first render pays for allocations and kernel
 /// loading; do it before consuming), and starts the render thread.
-async fn warm_up(cfg: &WorkerConfig) -> Result<(Runner, ModelDefaults)> {
+async fn warm_up(cfg: &WorkerConfig) -> Result<(Runner, ModelDefaults, candle_core::Device)> {
     let model_cfg = cfg.model.clone();
     let loaded = tokio::task::spawn_blocking(move || {
         let loaded = model_cfg.load()?;
@@ -152,6 +155,7 @@ async fn warm_up(cfg: &WorkerConfig) -> Result<(Runner, ModelDefaults)> {
         scheduler: loaded.pipeline.default_scheduler(),
         ..ModelDefaults::default()
     };
+    let device = loaded.pipeline.device().clone();
     let (runner, _thread) = Runner::spawn(loaded.pipeline).context("starting the render thread")?;
-    Ok((runner, defaults))
+    Ok((runner, defaults, device))
 }

@@ -89,13 +89,13 @@ pub async fn render_batch(ctx: &RenderCtx, jobs: Vec<InHand>) -> Result<BatchRes
     let (progress_tx, progress_task) = progress_publisher(ctx, &jobs);
     let stop_reason: Arc<Mutex<Option<Stop>>> = Arc::default();
     let hook = step_hook(ctx, &jobs, started, progress_tx, stop_reason.clone());
+    ctx.metrics.rendering.set(jobs.len() as i64);
     let result = ctx.runner.render(batch, hook).await;
+    ctx.metrics.rendering.set(0);
     let _ = progress_task.await;
     let inference = started.elapsed();
-    ctx.metrics
-        .phase
-        .with_label_values(&["inference"])
-        .observe(inference.as_secs_f64());
+    ctx.metrics.batch_inference.observe(inference.as_secs_f64());
+    ctx.metrics.sample_device_memory();
     let result = result.map_err(|gone| gone.to_string())?;
     Ok(match result {
         Ok(rendered) => {

@@ -163,6 +163,8 @@ impl Work {
         let (cfg, defaults, cancels) = (sh.cfg.clone(), sh.defaults, sh.cancellations.clone());
         let store = sh.store.clone();
         self.tracker.spawn(async move {
+            // Held from receipt: a delivery settled at intake is counted for as long as it takes.
+            let held = ctx.metrics.hold();
             let meta = JobMeta {
                 lane,
                 attempt: d.attempt(),
@@ -190,6 +192,7 @@ impl Work {
                         job: *job,
                         meta,
                         delivery: d,
+                        held,
                     };
                     let _ = ready.send(h).await;
                     return;

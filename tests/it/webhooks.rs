@@ -460,6 +460,24 @@ async fn gateway_generates_queues_and_reports_errors() {
     let spec = json(reqwest::get(format!("{base}/openapi.json")).await.unwrap()).await;
     assert_eq!(spec["openapi"], "3.1.0");
     assert!(spec["paths"]["/generate-image"]["post"].is_object());
+    // Requests by route template (never the raw id) and status, with latency.
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "t2i_http_requests_total{method=\"POST\",route=\"/generate-image\",status=\"401\"} 2",
+        "t2i_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"413\"} 1",
+        "t2i_http_requests_total{method=\"GET\",route=\"/v1/jobs/{id}\",status=\"404\"}",
+        "t2i_http_request_duration_seconds_count{method=\"POST\",route=\"/generate-image\"}",
+        "t2i_ready 1",
+        "t2i_build_info{version=",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert!(!metrics.contains("never-submitted"), "{metrics}");
     drop(worker);
     world.cleanup().await;
 }
