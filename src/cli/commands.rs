@@ -222,14 +222,20 @@ pub struct EnqueueArgs {
     #[arg(long, default_value_t = 1)]
     pub images_per_prompt: u32,
 
-    /// Seeds for items without one: `index` (--seed + item index) or `random` (64-bit, derived from
-    /// the batch id and index so a rerun reuses them). Seeds are always written into the jobs.
+    /// Seeds for items without one. A job with seed s renders s, s+1, ... (one per image), and jobs
+    /// get disjoint ranges, so no image of a batch repeats another's prompt, parameters and seed:
+    /// `index` gives each job the next range after the previous job's images (from --seed); `random`
+    /// scatters the ranges (a bijection of the job index, keyed by --seed). Without --seed both derive
+    /// from the batch id, so two batch ids render different seeds and rerunning the same command the
+    /// same ones. Seeds are always written into the jobs; a seed set by an input row is kept (its
+    /// --images-per-prompt copies continue after its images).
     #[arg(long, default_value = "index")]
     pub seed_strategy: String,
 
-    /// Base seed of the `index` strategy.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Pin the seeds: the base of `index` (jobs get seed, seed + n, ... for n images per job) or the
+    /// key of `random`; the same in every batch id [default: a hash of the batch id].
+    #[arg(long)]
+    pub seed: Option<u64>,
 
     /// Batch id [default: derived from the expanded jobs, so the same command gets the same id].
     #[arg(long)]

@@ -11,6 +11,8 @@ use std::path::Path;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::seeds::{SeedStrategy, Seeder};
+
 /// One input item before the batch-wide fields are added.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
@@ -326,26 +328,6 @@ pub fn parse_var(s: &str) -> Result<(String, Vec<String>), String> {
     ))
 }
 
-/// How seeds are chosen for items that do not set one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SeedStrategy {
-    /// `base + index`.
-    Index { base: u64 },
-    /// A 64-bit value derived from the batch id and the index: random-looking, yet the same when the
-    /// command is run again (so a resumed run renders the same images).
-    Random,
-}
-
-/// SplitMix64 finaliser over the batch id's digest and the index.
-fn mix(batch_id: &str, index: u64) -> u64 {
-    let d = Sha256::digest(batch_id.as_bytes());
-    let mut z = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
-        .wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// The batch-wide settings that turn items into jobs.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -356,6 +338,16 @@ pub struct Plan {
     /// `None`: derived from the expanded jobs, so the same command gets the same id.
     pub batch_id: Option<String>,
     pub key_prefix: Option<String>,
+}
+
+/// Images a job renders: its `num_images`, or the workers' default of 1 (`Generation::parse`). An
+/// invalid value is rejected later by the workers' parser; here it only has to stay in the range of
+/// the parsed field (`u32`).
+fn images_of(job: &Map<String, Value>) -> u64 {
+    job.get("num_images")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .clamp(1, u32::MAX.into())
 }
 
 /// A job ready to publish.
@@ -380,7 +372,13 @@ pub fn plan(items: Vec<Item>, plan: &Plan) -> (String, Vec<PlannedJob>) {
             } else {
                 item.origin.clone()
             };
-            jobs.push((origin, job.clone()));
+            let mut job = job.clone();
+            // Copies of a row that sets its seed continue after the images of the copy before.
+            if let Some(seed) = job.get("seed").and_then(Value::as_u64) {
+                let step = u64::from(copy) * images_of(&job);
+                job.insert("seed".into(), Value::from(seed.wrapping_add(step)));
+            }
+            jobs.push((origin, job));
         }
     }
     // The batch id covers everything that defines the set (not the seeds of the random strategy,
@@ -395,6 +393,8 @@ pub fn plan(items: Vec<Item>, plan: &Plan) -> (String, Vec<PlannedJob>) {
         format!("b{}", &hex::encode(h.finalize())[..15])
     });
     let total = jobs.len() as u64;
+    let max_images = jobs.iter().map(|(_, j)| images_of(j)).max().unwrap_or(1);
+    let mut seeder = Seeder::new(plan.seeds, &batch_id, max_images);
     let prefix = plan
         .key_prefix
         .clone()
@@ -404,13 +404,8 @@ pub fn plan(items: Vec<Item>, plan: &Plan) -> (String, Vec<PlannedJob>) {
         .enumerate()
         .map(|(i, (origin, mut body))| {
             let index = i as u64;
-            if !body.contains_key("seed") {
-                let seed = match plan.seeds {
-                    SeedStrategy::Index { base } => base.wrapping_add(index),
-                    SeedStrategy::Random => mix(&batch_id, index),
-                };
-                body.insert("seed".into(), Value::from(seed));
-            }
+            let seed = seeder.seed(index, images_of(&body));
+            body.entry("seed").or_insert_with(|| Value::from(seed));
             let job_id = match body.get("job_id").and_then(Value::as_str) {
                 Some(id) => id.to_string(),
                 None => format!("{batch_id}-{index:07}"),
@@ -484,7 +479,7 @@ mod tests {
         let p = Plan {
             defaults: serde_json::json!({"steps": 4}).as_object().unwrap().clone(),
             images_per_prompt: 2,
-            seeds: SeedStrategy::Random,
+            seeds: SeedStrategy::Random { key: None },
             batch_id: None,
             key_prefix: None,
         };
@@ -503,7 +498,7 @@ mod tests {
             a.iter().map(|j| j.body["seed"].as_u64().unwrap()).collect();
         assert_eq!(seeds.len(), 6, "copies get their own seeds");
         let indexed = Plan {
-            seeds: SeedStrategy::Index { base: 100 },
+            seeds: SeedStrategy::Index { base: Some(100) },
             ..p
         };
         let (id3, c) = plan(items, &indexed);

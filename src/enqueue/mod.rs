@@ -9,6 +9,7 @@
 
 pub mod expand;
 mod manifest;
+pub mod seeds;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -23,7 +24,8 @@ use crate::events::{CloudEvent, EventData, EventKind};
 use crate::job::{JobId, ModelDefaults, parse_job_body};
 use crate::queue::{Connection, Delivered, Lane};
 use crate::storage::{ImageStore, ObjectKey, Store};
-use expand::{Combine, InputError, InputFormat, Plan, PlannedJob, SeedStrategy};
+use expand::{Combine, InputError, InputFormat, Plan, PlannedJob};
+use seeds::SeedStrategy;
 
 /// Terminal outcome of one job, from its event or its stored `result.json`.
 #[derive(Debug, Clone)]
@@ -131,7 +133,7 @@ pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
     }
     let seeds = match args.seed_strategy.as_str() {
         "index" => SeedStrategy::Index { base: args.seed },
-        "random" => SeedStrategy::Random,
+        "random" => SeedStrategy::Random { key: args.seed },
         other => {
             return Err(usage(format!("--seed-strategy `{other}`: index or random")));
         }

@@ -1,5 +1,6 @@
 //! The one integration-test binary (candle makes every extra test binary slow to link).
 //!
+//! * `batching`: every stage and a whole render bit-identical whatever the batch (CPU).
 //! * `parity`: the pipeline against diffusers' own tensors on tiny random-weight models
 //!   (`tests/fixtures/`, built by `scripts/parity/make_fixtures.py`).
 //! * `cli`: `t2i generate` through the real binary.
@@ -8,6 +9,7 @@
 //! * `webhooks`: `t2i webhooks` (signatures, retries, SSRF guard) and `t2i gateway`.
 //! * `deploy`: the RabbitMQ definitions in `infra/` against the topology the worker declares.
 
+mod batching;
 mod broker;
 mod cli;
 mod clients;

@@ -5,7 +5,7 @@
 //! | op | CPU, f32 | everything else |
 //! |---|---|---|
 //! | [`conv2d`] | stride-1 "same" k×k: banded im2col or Winograd ([`cpu::conv`]) | candle's kernel (cuDNN with the `cudnn` feature) |
-//! | [`linear`] | one GEMM onto the broadcast bias | candle-nn's `Linear` |
+//! | [`linear`] | one GEMM onto the broadcast bias (at least 65 rows, so a row's bits never depend on the batch) | candle-nn's `Linear` |
 //! | [`group_norm`] | fused statistics + normalize (+ SiLU) | candle-nn's `GroupNorm` (+ `silu`) |
 //! | [`geglu`] | one pass, exact erf | chunk, `gelu_erf`, multiply |
 //! | [`attention`] | blocked GEMM + softmax tasks, unmasked | flash-attn (CUDA, half, feature `flash-attn`), else the textbook form |

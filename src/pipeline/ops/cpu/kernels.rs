@@ -207,8 +207,18 @@ pub(crate) fn geglu(h: &[f32], inner: usize) -> Vec<f32> {
     out
 }
 
+/// Fewest rows one linear GEMM is given. The gemm crate (0.19, `gemm-common/src/gemm.rs`) picks its
+/// arithmetic by shape: a GEMV for one row, dot-product ("horizontal") kernels when rows × columns
+/// ≤ 16 × 16, and for rows ≤ 64 with columns ≤ 64 a k-block of min(k, 512) instead of its cache
+/// model's; each sums a row's products in another order. Beyond 64 rows a row's result depends only
+/// on (columns, k), so fewer rows are padded with zeros to this many: a linear layer then gives an
+/// image the same bits whatever else is in its batch. (Without it the tiny SSD-1B UNet at 64², whose
+/// inner layers see few rows per image, put batch 1 and batch 4 in different classes: 1 pixel of 4
+/// images moved by 1/255; `tests/it/batching.rs`.)
+const MIN_GEMM_ROWS: usize = 65;
+
 /// `x · wᵀ + bias` for `rows` rows of `x` (`rows × k`, contiguous) and `w` (`n × k`, contiguous,
-/// PyTorch's `Linear.weight` layout). Returns `rows × n`.
+/// PyTorch's `Linear.weight` layout). Returns `rows × n`; each row's bits do not depend on `rows`.
 pub(crate) fn linear(
     x: &[f32],
     rows: usize,
@@ -219,6 +229,13 @@ pub(crate) fn linear(
 ) -> Vec<f32> {
     assert_eq!(x.len(), rows * k);
     assert_eq!(w.len(), n * k);
+    if rows > 0 && rows < MIN_GEMM_ROWS {
+        let mut padded = x.to_vec();
+        padded.resize(MIN_GEMM_ROWS * k, 0.0);
+        let mut out = linear(&padded, MIN_GEMM_ROWS, k, w, bias, n);
+        out.truncate(rows * n);
+        return out;
+    }
     let mut out = vec![0f32; rows * n];
     if let Some(bias) = bias {
         assert_eq!(bias.len(), n);

@@ -162,6 +162,26 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Module};
 
+    /// Every shape class of the gemm crate (one row; rows × columns ≤ 256; ≤ 64 × 64 with k > 512;
+    /// the general case): a row's output must not depend on how many rows come with it.
+    #[test]
+    fn a_linear_row_has_the_same_bits_whatever_the_row_count() {
+        let value = |i: usize, salt: usize| ((i * 31 + salt) as f32 * 0.618).sin();
+        for (k, n) in [(7, 8), (96, 32), (640, 48), (1280, 160), (2816, 1280)] {
+            let w: Vec<f32> = (0..n * k).map(|i| value(i, 1)).collect();
+            let bias: Vec<f32> = (0..n).map(|i| value(i, 2)).collect();
+            let x: Vec<f32> = (0..200 * k).map(|i| value(i, 3)).collect();
+            let all = kernels::linear(&x, 200, k, &w, Some(&bias), n);
+            for rows in [1, 2, 3, 8, 64, 65, 130] {
+                let some = kernels::linear(&x[..rows * k], rows, k, &w, Some(&bias), n);
+                assert!(
+                    some == all[..rows * n],
+                    "k {k}, n {n}: {rows} rows differ from the same rows among 200"
+                );
+            }
+        }
+    }
+
     #[test]
     fn fused_group_norm_matches_candle_nn_with_and_without_silu() {
         let dev = Device::Cpu;
