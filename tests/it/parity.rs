@@ -125,20 +125,27 @@ fn time_and_text_time_embeddings_match() {
     }
 }
 
+/// The UNet's added conditioning for the reference's CFG batch (`unet.text_embeds`, `unet.time_ids`).
+fn unet_conditioning(
+    r: &Reference,
+    p: &t2i_worker::pipeline::Pipeline,
+) -> t2i_worker::pipeline::unet::Conditioning {
+    let ids = r.get("unet.time_ids").to_vec2::<f32>().unwrap();
+    let ids: Vec<[f64; 6]> = ids
+        .iter()
+        .map(|row| std::array::from_fn(|i| row[i] as f64))
+        .collect();
+    p.unet()
+        .conditioning(r.get("unet.text_embeds"), &ids)
+        .unwrap()
+}
+
 #[test]
 fn one_unet_forward_matches_on_a_cfg_batch() {
     for name in MODELS {
         let r = Reference::load(name);
         let p = load_pipeline(name, DType::F32, Variant::Auto);
-        let ids = r.get("unet.time_ids").to_vec2::<f32>().unwrap();
-        let ids: Vec<[f64; 6]> = ids
-            .iter()
-            .map(|row| std::array::from_fn(|i| row[i] as f64))
-            .collect();
-        let cond = p
-            .unet()
-            .conditioning(r.get("unet.text_embeds"), &ids)
-            .unwrap();
+        let cond = unet_conditioning(&r, &p);
         let t = r.get("unet.timestep").to_vec1::<f32>().unwrap()[0] as f64;
         let out = p
             .unet()
@@ -161,13 +168,8 @@ fn cross_attention_keys_and_values_are_projected_once_per_render() {
     for name in MODELS {
         let r = Reference::load(name);
         let p = load_pipeline(name, DType::F32, Variant::Auto);
-        let ids = r.get("unet.time_ids").to_vec2::<f32>().unwrap();
-        let ids: Vec<[f64; 6]> = ids
-            .iter()
-            .map(|row| std::array::from_fn(|i| row[i] as f64))
-            .collect();
         let unet = p.unet();
-        let cond = unet.conditioning(r.get("unet.text_embeds"), &ids).unwrap();
+        let cond = unet_conditioning(&r, &p);
         let hidden = r.get("unet.encoder_hidden_states");
         let context = unet.text_context(hidden).unwrap();
         assert_eq!(context.cached_layers(), 0);
