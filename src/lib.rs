@@ -20,12 +20,13 @@
 //! * The contract — [`job`], [`events`], [`control`] — depends on nothing else in the crate; every
 //!   other module may use it.
 //! * [`queue`] is the only module that talks to RabbitMQ; [`storage`] the only one that talks to S3
-//!   or the file system for results; [`pipeline`] owns the model and never does I/O beyond loading.
+//!   or the file system for results; [`records`] says what is stored about each job's state; [`pipeline`] owns the model and never does I/O beyond loading.
 //! * [`cli`] declares every flag (subcommands import it, never the reverse); [`config`] turns flags
 //!   into validated configuration; [`health`] serves `/healthz`, `/readyz`, `/metrics`.
 #![deny(unsafe_code)]
 #![warn(clippy::dbg_macro, clippy::todo)]
 
+pub mod batch;
 pub mod bench;
 pub mod cancel;
 pub mod cli;
@@ -42,6 +43,7 @@ pub mod image;
 pub mod job;
 pub mod pipeline;
 pub mod queue;
+pub mod records;
 pub mod schemas;
 pub mod shutdown;
 pub mod storage;

@@ -69,6 +69,7 @@ fn run_async(command: Command) -> anyhow::Result<()> {
                 t2i_worker::worker::run(cfg, shutdown()).await
             }
             Command::Cancel(args) => t2i_worker::cancel::run(args).await,
+            Command::Batch(cmd) => t2i_worker::batch::run(cmd).await,
             Command::Enqueue(args) => t2i_worker::enqueue::run(args).await,
             Command::Webhooks(args) => t2i_worker::webhooks::run(args, shutdown()).await,
             Command::Gateway(args) => t2i_worker::gateway::run(args, shutdown()).await,

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{BrokerArgs, GenerationArgs, LimitArgs, ModelArgs, StorageArgs};
+use super::{
+    BrokerArgs, DatasetArgs, GenerationArgs, LimitArgs, ModelArgs, StorageArgs, WatchArgs,
+};
 
 #[derive(Debug, Args)]
 pub struct CancelArgs {
@@ -271,6 +273,11 @@ pub struct EnqueueArgs {
     #[arg(long)]
     pub no_skip: bool,
 
+    /// On a rerun, publish again the jobs that were published and have not ended (queued or
+    /// running), not only those never published or that failed.
+    #[arg(long)]
+    pub republish_pending: bool,
+
     /// Print the expanded jobs (JSON lines) and publish nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -279,36 +286,19 @@ pub struct EnqueueArgs {
     #[arg(long, default_value_t = 4096)]
     pub confirm_window: usize,
 
-    /// Wait for every job's terminal event; exit 1 if any did not succeed.
+    /// Wait until every job has ended (as `t2i batch watch`); exit 1 if any did not succeed.
     #[arg(long)]
     pub wait: bool,
 
-    /// Give up waiting after this many seconds (0: never).
-    #[arg(long, default_value_t = 0)]
-    pub wait_timeout_s: u64,
-
-    /// With --wait: write `metadata.jsonl` (Hugging Face ImageFolder) into this folder.
-    #[arg(long)]
-    pub manifest: Option<PathBuf>,
-
-    /// With --manifest: download the images next to it (`images/`), verifying their sha256.
-    #[arg(long)]
-    pub download: bool,
-
-    /// With --wait: write WebDataset shards (`shard-00000.tar`, ...) into this folder.
-    #[arg(long)]
-    pub webdataset: Option<PathBuf>,
-
-    /// Samples per WebDataset shard.
-    #[arg(long, default_value_t = 1000)]
-    pub shard_size: usize,
+    /// With --wait: the data set to build from the store once every job has ended.
+    #[command(flatten)]
+    pub dataset: DatasetArgs,
 
     #[command(flatten)]
     pub limits: LimitArgs,
 
-    /// No progress bar.
-    #[arg(long, short = 'q')]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub watch: WatchArgs,
 }
 
 #[derive(Debug, Args)]
@@ -404,6 +394,12 @@ pub struct GatewayArgs {
     /// How long POST /generate-image waits for the result, in seconds.
     #[arg(long, env = "T2I_GATEWAY_WAIT_TIMEOUT_S", default_value_t = 120)]
     pub wait_timeout_s: u64,
+
+    /// Lifetime of the image URLs `GET /v1/jobs/{id}` presigns on each read, in seconds (S3 allows
+    /// at most 7 days: 604800).
+    #[arg(long, env = "T2I_GATEWAY_PRESIGN_TTL_S", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub presign_ttl_s: u64,
 
     #[command(flatten)]
     pub limits: LimitArgs,

@@ -3,8 +3,13 @@
 //! beyond syntax: `config`, `job::Generation::parse` and the subcommands do that. The subcommands
 //! import their flags from here, never the other way round.
 
+mod batch;
 mod commands;
 
+pub use batch::{
+    BatchCommand, BatchManifestArgs, BatchStatusArgs, BatchTarget, BatchWatchArgs, DatasetArgs,
+    WatchArgs,
+};
 pub use commands::{
     BenchArgs, CancelArgs, EnqueueArgs, GatewayArgs, GenerateArgs, HealthcheckArgs, SchemasArgs,
     WebhooksArgs, WorkerArgs,
@@ -53,6 +58,9 @@ pub enum Command {
     Gateway(GatewayArgs),
     /// Cancel jobs or whole batches: waiting jobs are dropped, running ones stop between steps.
     Cancel(CancelArgs),
+    /// Inspect a batch from the store, publishing nothing: status, watch, manifest.
+    #[command(subcommand)]
+    Batch(BatchCommand),
     /// Exit 0 when a URL answers 200 (container HEALTHCHECK without curl in the image).
     Healthcheck(HealthcheckArgs),
 }

@@ -1,38 +1,32 @@
 //! `t2i enqueue`: one job from flags or a bulk set (JSONL, CSV, prompt list, prompt template), each
 //! item checked with the workers' own `Job::parse` before anything is published; stable job ids
-//! (batch id + index) so running the same command again resumes: items whose `result.json` is
-//! already stored are skipped, the rest published again (a worker re-announces one that finished in
-//! the meantime instead of rendering it twice). Publishing uses confirms with a window of outstanding
-//! ones (backpressure). `--wait` follows the events with a progress bar, exits non-zero on failures,
-//! and writes a dataset manifest (Hugging Face ImageFolder `metadata.jsonl`), optionally with the
-//! images downloaded, or WebDataset `.tar` shards.
+//! (batch id + index), so running the same command again resumes. A rerun lists the batch's key
+//! prefix once (not one GET per job): done jobs are skipped, failed ones published again, and jobs
+//! an earlier run published that have not ended (queued or running) are left alone unless
+//! `--republish-pending`. `batch.json` records the batch's size and how far publishing got
+//! ([`crate::batch::BatchRecord`]). Publishing uses confirms with a window of outstanding ones
+//! (backpressure). `--wait` follows the batch as `t2i batch watch` does and builds the data set from
+//! the store as `t2i batch manifest` does.
 
 pub mod expand;
-mod manifest;
 pub mod seeds;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{Map, Value};
 
+use crate::batch::watch::{self, Finished};
+use crate::batch::{BatchRecord, Seen, scan};
 use crate::cli::{EnqueueArgs, UsageError};
-use crate::events::{CloudEvent, EventData, EventKind};
 use crate::job::{JobId, ModelDefaults, parse_job_body};
 use crate::queue::{Connection, Delivered, Lane};
 use crate::storage::{ImageStore, ObjectKey, Store};
 use expand::{Combine, InputError, InputFormat, Plan, PlannedJob};
 use seeds::SeedStrategy;
-
-/// Terminal outcome of one job, from its event or its stored `result.json`.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub data: EventData,
-    pub skipped: bool,
-}
 
 pub async fn run(args: EnqueueArgs) -> Result<()> {
     let (lane, jobs, batch_id) = prepare(&args)?;
@@ -47,29 +41,10 @@ pub async fn run(args: EnqueueArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let outcomes = publish_and_wait(&args, lane, &jobs, &batch_id).await?;
-    if let Some(outcomes) = outcomes {
-        let failed: Vec<&Outcome> = outcomes
-            .values()
-            .filter(|o| o.data.status != "succeeded")
-            .collect();
-        if args.manifest.is_some() || args.webdataset.is_some() {
-            manifest::write(&args, &jobs, &outcomes).await?;
-        }
-        if !failed.is_empty() {
-            for o in failed.iter().take(20) {
-                let why = o
-                    .data
-                    .error
-                    .as_ref()
-                    .map(|e| format!("{:?}: {}", e.code, e.message))
-                    .unwrap_or_else(|| o.data.status.clone());
-                eprintln!("failed: {} ({why})", o.data.job_id);
-            }
-            anyhow::bail!("{} of {} job(s) did not succeed", failed.len(), jobs.len());
-        }
+    match publish_and_wait(&args, lane, &jobs, &batch_id).await? {
+        Some(finished) => watch::report(&finished),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Flags and inputs → validated jobs. Any invalid item is reported (all of them, with file and
@@ -217,7 +192,7 @@ pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
         None if !args.prompt.is_empty() => Lane::Interactive,
         None => Lane::Bulk,
     };
-    if (args.manifest.is_some() || args.webdataset.is_some()) && !args.wait {
+    if args.dataset.wanted() && !args.wait {
         return Err(usage("--manifest and --webdataset need --wait".into()));
     }
     Ok((lane, jobs, batch_id))
@@ -238,58 +213,89 @@ fn report(errors: &[InputError]) -> anyhow::Error {
     .into()
 }
 
+/// Every this many jobs, publishing stops to collect the confirms and records in `batch.json`
+/// that all jobs before this point are published: an interrupted run resumes from there.
+const CHECKPOINT_JOBS: usize = 50_000;
+
+/// What an earlier run left of each planned job, from one listing per key prefix.
+async fn earlier(store: &Store, jobs: &[PlannedJob]) -> Result<HashMap<String, Seen>> {
+    let mut seen = HashMap::new();
+    let mut prefixes: Vec<&str> = jobs.iter().map(key_prefix_of).collect();
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    let planned: HashSet<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
+    for prefix in prefixes {
+        scan(store, prefix, |job, s| {
+            if planned.contains(job) {
+                seen.insert(job.to_string(), s);
+            }
+        })
+        .await
+        .with_context(|| format!("listing {prefix}"))?;
+    }
+    Ok(seen)
+}
+
+fn key_prefix_of(j: &PlannedJob) -> &str {
+    j.body["output"]["key_prefix"].as_str().unwrap_or("")
+}
+
+/// Publishes what an earlier run did not, then (with `--wait`) follows the batch to its end.
 async fn publish_and_wait(
     args: &EnqueueArgs,
     lane: Lane,
     jobs: &[PlannedJob],
     batch_id: &str,
-) -> Result<Option<HashMap<String, Outcome>>> {
+) -> Result<Option<Finished>> {
     let topology = crate::config::topology(&args.broker)?;
     let storage = &args.storage.storage;
     let store = Store::open(storage, &args.storage.s3_options())
         .await
         .with_context(|| format!("opening the store {storage}"))?;
+    let batch_prefix = args
+        .key_prefix
+        .clone()
+        .unwrap_or_else(|| format!("datasets/{batch_id}/"));
+    let previous = BatchRecord::read(&store, &batch_prefix)
+        .await?
+        .filter(|r| r.batch_id == batch_id && r.total == jobs.len() as u64);
+    let published_before = previous.as_ref().map_or(0, |r| r.published) as usize;
 
-    // Items already done (an earlier run of the same command) are not published again.
-    let mut outcomes: HashMap<String, Outcome> = HashMap::new();
-    if !args.no_skip {
-        let found: Vec<(String, Option<EventData>)> =
-            futures_util::stream::iter(jobs.iter().map(|j| {
-                let store = &store;
-                async move {
-                    let prefix = j.body["output"]["key_prefix"].as_str().unwrap_or("");
-                    // Planned ids passed `Job::parse` in `prepare`.
-                    let data = match JobId::parse(&j.job_id) {
-                        Ok(id) => store
-                            .get(&ObjectKey::result(prefix, &id))
-                            .await
-                            .ok()
-                            .flatten()
-                            .and_then(|b| serde_json::from_slice::<EventData>(&b).ok()),
-                        Err(_) => None,
-                    };
-                    (j.job_id.clone(), data)
+    // One listing decides: done → skipped; failed → published again (its failure record removed,
+    // so a watcher does not count the old end); queued or running → left alone unless asked.
+    let seen = if args.no_skip {
+        HashMap::new()
+    } else {
+        earlier(&store, jobs).await?
+    };
+    let (mut done, mut pending, mut retried) = (0usize, 0usize, 0usize);
+    let mut todo: Vec<(usize, &PlannedJob)> = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        match seen.get(&j.job_id) {
+            Some(Seen::Done) => done += 1,
+            Some(Seen::Ended) => {
+                retried += 1;
+                if let Ok(id) = JobId::parse(&j.job_id) {
+                    store
+                        .delete(&ObjectKey::failure(key_prefix_of(j), &id))
+                        .await?;
                 }
-            }))
-            .buffer_unordered(64)
-            .collect()
-            .await;
-        for (id, data) in found {
-            if let Some(data) = data.filter(|d| d.status == "succeeded") {
-                outcomes.insert(
-                    id,
-                    Outcome {
-                        data,
-                        skipped: true,
-                    },
-                );
+                todo.push((i, j));
             }
+            Some(Seen::Running) if !args.republish_pending => pending += 1,
+            None if i < published_before && !args.republish_pending => pending += 1,
+            _ => todo.push((i, j)),
         }
     }
-    let todo: Vec<&PlannedJob> = jobs
-        .iter()
-        .filter(|j| !outcomes.contains_key(&j.job_id))
-        .collect();
+    let mut record = previous.unwrap_or_else(|| {
+        BatchRecord::new(
+            batch_id,
+            &batch_prefix,
+            jobs.len() as u64,
+            lane.routing_key(),
+        )
+    });
+    record.write(&store).await.context("writing batch.json")?;
 
     let conn = Connection::open(&args.broker.amqp_url, "t2i enqueue")
         .await
@@ -297,129 +303,69 @@ async fn publish_and_wait(
     conn.declare(&topology)
         .await
         .context("declaring the topology")?;
-
-    // Subscribe before publishing, so no event can be missed.
-    let mut events = if args.wait {
-        Some(
-            conn.subscribe_events(&topology, &EventKind::TERMINAL)
-                .await?,
-        )
-    } else {
-        None
-    };
-
     let publisher = conn.publisher(&topology).await?;
     let started = Instant::now();
-    let mut pending = FuturesUnordered::new();
+    let mut confirms = FuturesUnordered::new();
     let mut unroutable = 0usize;
     let window = args.confirm_window.max(1);
-    let check = |d: Delivered, unroutable: &mut usize| {
-        if d == Delivered::Unroutable {
-            *unroutable += 1;
+    let mut collect = async |confirms: &mut FuturesUnordered<_>, keep: usize| -> Result<()> {
+        while confirms.len() > keep {
+            if let Some(c) = confirms.next().await
+                && c? == Delivered::Unroutable
+            {
+                unroutable += 1;
+            }
         }
+        Ok(())
     };
-    for j in &todo {
+    for (n, (i, j)) in todo.iter().enumerate() {
         let body = json_text(&j.body);
         let sent = publisher
             .send_job(lane, &j.job_id, body.as_bytes(), None)
             .await?;
-        pending.push(sent.confirmed());
-        while pending.len() >= window {
-            if let Some(c) = pending.next().await {
-                check(c?, &mut unroutable);
-            }
+        confirms.push(sent.confirmed());
+        collect(&mut confirms, window - 1).await?;
+        if (n + 1) % CHECKPOINT_JOBS == 0 {
+            collect(&mut confirms, 0).await?;
+            record.published = record.published.max(*i as u64 + 1);
+            record.write(&store).await.context("writing batch.json")?;
         }
     }
-    while let Some(c) = pending.next().await {
-        check(c?, &mut unroutable);
-    }
+    collect(&mut confirms, 0).await?;
     let secs = started.elapsed().as_secs_f64();
     if unroutable > 0 {
         anyhow::bail!("{unroutable} job(s) were not routed to any queue");
     }
+    record.published = jobs.len() as u64;
+    record.write(&store).await.context("writing batch.json")?;
+    conn.close("published").await;
     eprintln!(
-        "batch {batch_id}: published {} job(s) to {} in {secs:.2}s ({:.0} jobs/s, confirmed); {} already done",
+        "batch {batch_id}: published {} job(s) to {} in {secs:.2}s ({:.0} jobs/s, confirmed); \
+         {done} already done, {pending} queued or running (not republished), {retried} failed before (republished)",
         todo.len(),
         topology.queue(lane),
         todo.len() as f64 / secs.max(1e-9),
-        outcomes.len()
     );
-    let Some(consumer) = events.as_mut() else {
-        conn.close("done").await;
+    if !args.wait {
         return Ok(None);
-    };
-
-    // Wait for every job of this run.
-    let wanted: HashSet<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
-    let bar = if args.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(jobs.len() as u64)
-    };
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} [{bar:30}] {pos}/{len} done, {msg} {per_sec} ETA {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
     }
-    let failed_count =
-        |o: &HashMap<String, Outcome>| o.values().filter(|o| o.data.status != "succeeded").count();
-    bar.set_position(outcomes.len() as u64);
-    bar.set_message(format!("{} failed", failed_count(&outcomes)));
-    let deadline = (args.wait_timeout_s > 0)
-        .then(|| Instant::now() + Duration::from_secs(args.wait_timeout_s));
-    while outcomes.len() < wanted.len() {
-        let next = match deadline {
-            Some(d) => {
-                match tokio::time::timeout(
-                    d.saturating_duration_since(Instant::now()),
-                    consumer.next(),
-                )
-                .await
-                {
-                    Ok(n) => n,
-                    Err(_) => {
-                        bar.abandon();
-                        anyhow::bail!(
-                            "timed out: {} of {} job(s) finished",
-                            outcomes.len(),
-                            wanted.len()
-                        );
-                    }
-                }
-            }
-            None => consumer.next().await,
-        };
-        let delivery = match next {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => anyhow::bail!("lost the event stream: {e}"),
-            None => anyhow::bail!("the event stream ended"),
-        };
-        let Ok(event) = serde_json::from_slice::<CloudEvent>(delivery.body()) else {
-            continue;
-        };
-        if !wanted.contains(event.subject.as_str()) || outcomes.contains_key(&event.subject) {
-            continue;
-        }
-        outcomes.insert(
-            event.subject.clone(),
-            Outcome {
-                data: event.data,
-                skipped: false,
-            },
-        );
-        bar.set_position(outcomes.len() as u64);
-        bar.set_message(format!("{} failed", failed_count(&outcomes)));
-    }
-    bar.finish();
-    conn.close("done").await;
-    let done = started.elapsed().as_secs_f64();
+    let target = watch::Target {
+        store: &store,
+        key_prefix: &batch_prefix,
+        batch_id,
+        total: jobs.len() as u64,
+    };
+    let finished = watch::follow(&target, &args.broker.amqp_url, &topology, &args.watch).await?;
+    let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "batch {batch_id}: {} job(s) finished in {done:.1}s ({:.2} jobs/s), {} failed",
-        wanted.len(),
-        todo.len() as f64 / done.max(1e-9),
-        failed_count(&outcomes)
+        "batch {batch_id}: {} job(s) ended in {secs:.1}s, {} failed",
+        jobs.len(),
+        finished.counts.failed
     );
-    Ok(Some(outcomes))
+    if args.dataset.wanted() {
+        crate::batch::manifest::build(&store, &batch_prefix, &args.dataset).await?;
+    }
+    Ok(Some(finished))
 }
 
 /// A job object as JSON text (a `Map` always serialises).

@@ -171,6 +171,27 @@ pub struct OutputSpec {
     pub presign_ttl: Duration,
 }
 
+/// `output.key_prefix`: relative, no `..` segments, outside the store's reserved id index, in a
+/// character set safe as both an S3 key and a path.
+pub fn check_key_prefix(key_prefix: &str) -> Result<(), Rejection> {
+    let ok = key_prefix.len() <= 512
+        && !key_prefix.starts_with('/')
+        && !key_prefix.split('/').any(|seg| seg == "..")
+        // The store's id index lives there (`crate::storage::INDEX_PREFIX`).
+        && !key_prefix.starts_with("_index/")
+        && key_prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._/=+-".contains(&b));
+    if ok {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        "output.key_prefix",
+        format!("{:?}", truncate(key_prefix, 80)),
+        "at most 512 characters of [A-Za-z0-9._/=+-], not starting with '/' or '_index/', no '..' segments",
+    ))
+}
+
 mod secs {
     pub(super) fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,
@@ -239,19 +260,7 @@ impl Job {
             ));
         }
         let key_prefix = out.key_prefix.unwrap_or_default();
-        let prefix_ok = key_prefix.len() <= 512
-            && !key_prefix.starts_with('/')
-            && !key_prefix.split('/').any(|seg| seg == "..")
-            && key_prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._/=+-".contains(&b));
-        if !prefix_ok {
-            return Err(Rejection::new(
-                "output.key_prefix",
-                format!("{:?}", truncate(&key_prefix, 80)),
-                "at most 512 characters of [A-Za-z0-9._/=+-], not starting with '/', no '..' segments",
-            ));
-        }
+        check_key_prefix(&key_prefix)?;
         let ttl = out.presign_ttl_s.unwrap_or(3600);
         if ttl == 0 || ttl > MAX_PRESIGN_TTL_S {
             return Err(Rejection::new(
@@ -487,7 +496,7 @@ mod tests {
 
     #[test]
     fn key_prefixes_cannot_escape() {
-        for bad in ["/abs/", "a/../b/", "spa ce/"] {
+        for bad in ["/abs/", "a/../b/", "spa ce/", "_index/", "_index/x/"] {
             let body =
                 format!(r#"{{"job_id": "a", "prompt": "x", "output": {{"key_prefix": "{bad}"}}}}"#);
             assert_eq!(

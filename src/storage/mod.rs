@@ -30,7 +30,29 @@ impl ObjectKey {
     pub fn result(key_prefix: &str, job: &JobId) -> String {
         format!("{key_prefix}{job}/result.json")
     }
+
+    /// A job that ended without images: failed, canceled or expired (`crate::records`).
+    pub fn failure(key_prefix: &str, job: &JobId) -> String {
+        format!("{key_prefix}{job}/failure.json")
+    }
+
+    /// A job's latest non-terminal state: queued or running (`crate::records`).
+    pub fn status(key_prefix: &str, job: &JobId) -> String {
+        format!("{key_prefix}{job}/status.json")
+    }
+
+    /// Where a job with a key prefix is found from its id alone (`GET /v1/jobs/{id}`).
+    pub fn index(job: &JobId) -> String {
+        format!("{INDEX_PREFIX}{job}.json")
+    }
 }
+
+/// The reserved top-level folder of the id → key prefix index; no job's `output.key_prefix` may
+/// start with it (`Job::parse`).
+pub const INDEX_PREFIX: &str = "_index/";
+
+/// At most this many keys per [`ImageStore::list`] page: S3 ListObjectsV2's own maximum.
+pub const LIST_PAGE: usize = 1000;
 
 /// What a successful put returns.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +139,27 @@ pub trait ImageStore: Send + Sync + 'static {
     /// Reads `key`, `None` when it does not exist.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StorageError>> + Send;
 
+    /// Removes `key`; removing a missing key is not an error.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// One page of the keys under `prefix` (relative to the store's prefix, as `put` takes them),
+    /// in lexicographic order, strictly after `start_after`: at most [`LIST_PAGE`] of them, fewer
+    /// only on the last page. Paging by the last key seen (ListObjectsV2 `StartAfter`) keeps a
+    /// listing resumable without tokens.
+    fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<String>, StorageError>> + Send;
+
+    /// A GET URL for `stored_key` (the full key a `put` returned in [`StoredObject::key`]) valid
+    /// for `ttl`, with its expiry when it has one; `None` where the store has no URLs.
+    fn presign(
+        &self,
+        stored_key: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<(String, Option<OffsetDateTime>)>, StorageError>> + Send;
+
     /// `s3://bucket/prefix` or `file:///path`, for logs.
     fn describe(&self) -> String;
 }
@@ -151,6 +194,17 @@ impl Store {
     }
 }
 
+impl Store {
+    /// A key as `put` recorded it ([`StoredObject::key`], the store's prefix included) → the key
+    /// `get` and `list` take.
+    pub fn relative_key<'a>(&self, stored_key: &'a str) -> &'a str {
+        match self {
+            Self::Local(_) => stored_key,
+            Self::S3(s) => stored_key.strip_prefix(s.prefix()).unwrap_or(stored_key),
+        }
+    }
+}
+
 impl ImageStore for Store {
     async fn put(
         &self,
@@ -173,10 +227,59 @@ impl ImageStore for Store {
         }
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        match self {
+            Self::Local(s) => s.delete(key).await,
+            Self::S3(s) => s.delete(key).await,
+        }
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> Result<Vec<String>, StorageError> {
+        match self {
+            Self::Local(s) => s.list(prefix, start_after).await,
+            Self::S3(s) => s.list(prefix, start_after).await,
+        }
+    }
+
+    async fn presign(
+        &self,
+        stored_key: &str,
+        ttl: Duration,
+    ) -> Result<Option<(String, Option<OffsetDateTime>)>, StorageError> {
+        match self {
+            Self::Local(s) => s.presign(stored_key, ttl).await,
+            Self::S3(s) => s.presign(stored_key, ttl).await,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Self::Local(s) => s.describe(),
             Self::S3(s) => s.describe(),
+        }
+    }
+}
+
+/// Every key under `prefix`, page by page: `each` sees one page at a time, so memory stays at one
+/// page whatever the listing's length. Returns how many keys there were.
+pub async fn list_all<S: ImageStore>(
+    store: &S,
+    prefix: &str,
+    mut each: impl FnMut(&[String]),
+) -> Result<u64, StorageError> {
+    let mut after: Option<String> = None;
+    let mut n = 0u64;
+    loop {
+        let page = store.list(prefix, after.as_deref()).await?;
+        n += page.len() as u64;
+        each(&page);
+        match page.last() {
+            Some(last) if page.len() >= LIST_PAGE => after = Some(last.clone()),
+            _ => return Ok(n),
         }
     }
 }

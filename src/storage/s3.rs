@@ -13,7 +13,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use time::OffsetDateTime;
 
-use super::{ImageStore, S3Options, StorageError, StoredObject};
+use super::{ImageStore, LIST_PAGE, S3Options, StorageError, StoredObject};
 
 /// Objects larger than this are uploaded in parts (S3's minimum part size is 5 MiB).
 pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
@@ -67,11 +67,36 @@ impl S3Store {
         })
     }
 
+    /// The store's own key prefix (`s3://bucket/<prefix>`), which every full key starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Lowers the multipart threshold and part size (tests exercise multipart with small objects).
     pub fn with_multipart(mut self, threshold: usize, part_size: usize) -> Self {
         self.multipart_threshold = threshold;
         self.part_size = part_size.max(5 * 1024 * 1024);
         self
+    }
+
+    /// A presigned GET for a full key (store prefix included). Signing does no I/O.
+    async fn presign_full(&self, key: &str, ttl: Duration) -> Result<String, StorageError> {
+        let presign = PresigningConfig::expires_in(ttl).map_err(|e| StorageError::S3 {
+            op: "presign",
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(self
+            .presigner
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(presign)
+            .await
+            .map_err(|e| self.err("presign GetObject", key, e))?
+            .uri()
+            .to_string())
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -189,28 +214,72 @@ impl ImageStore for S3Store {
                 .await
                 .map_err(|e| self.err("PutObject", &key, e))?;
         }
-        let presign = PresigningConfig::expires_in(url_ttl).map_err(|e| StorageError::S3 {
-            op: "presign",
-            bucket: self.bucket.clone(),
-            key: key.clone(),
-            message: e.to_string(),
-        })?;
-        let url = self
-            .presigner
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .presigned(presign)
-            .await
-            .map_err(|e| self.err("presign GetObject", &key, e))?
-            .uri()
-            .to_string();
+        let url = self.presign_full(&key, url_ttl).await?;
         Ok(StoredObject {
             bucket: Some(self.bucket.clone()),
             key,
             url: Some(url),
             url_expires_at: Some(OffsetDateTime::now_utc() + url_ttl),
         })
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let key = self.full_key(key);
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| self.err("DeleteObject", &key, e))?;
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> Result<Vec<String>, StorageError> {
+        let full = self.full_key(prefix);
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        // A page may come back short while more remain (the API allows it): fill it up, so a short
+        // page means the end, as the trait promises.
+        loop {
+            let mut req = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .max_keys((LIST_PAGE - keys.len()) as i32);
+            req = match (&token, start_after) {
+                (Some(t), _) => req.continuation_token(t),
+                (None, Some(a)) => req.start_after(self.full_key(a)),
+                (None, None) => req,
+            };
+            let out = req
+                .send()
+                .await
+                .map_err(|e| self.err("ListObjectsV2", &full, e))?;
+            keys.extend(out.contents().iter().filter_map(|o| {
+                o.key()
+                    .and_then(|k| k.strip_prefix(&self.prefix))
+                    .map(str::to_string)
+            }));
+            token = out.next_continuation_token().map(str::to_string);
+            if keys.len() >= LIST_PAGE || !out.is_truncated().unwrap_or(false) || token.is_none() {
+                return Ok(keys);
+            }
+        }
+    }
+
+    async fn presign(
+        &self,
+        stored_key: &str,
+        ttl: Duration,
+    ) -> Result<Option<(String, Option<OffsetDateTime>)>, StorageError> {
+        let url = self.presign_full(stored_key, ttl).await?;
+        Ok(Some((url, Some(OffsetDateTime::now_utc() + ttl))))
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {

@@ -3,11 +3,17 @@
 //!
 //! * `Complete`: encode off the async threads → store images, then `result.json` (its presence
 //!   means every image is stored) → announce `job.succeeded` (confirmed) → [`Outcome::Completed`].
-//! * `Reannounce` (a redelivery whose `result.json` exists): announce the stored result again.
-//! * `End` (deadline passed, canceled): `job.expired` / `job.canceled` → `Completed`.
-//! * `Fail` (OOM, device error, timeout, encoding): `job.failed` → [`Outcome::Rejected`].
+//! * `Reannounce` (a redelivery whose `result.json` exists): announce the stored result again,
+//!   with freshly presigned URLs.
+//! * `End` (deadline passed, canceled): `failure.json`, then `job.expired` / `job.canceled` →
+//!   `Completed`.
+//! * `Fail` (OOM, device error, timeout, encoding): `failure.json`, then `job.failed` →
+//!   [`Outcome::Rejected`].
 //! * `RetryOrFail` (storage trouble): [`Outcome::Retry`] before the last attempt, else `Fail`.
 //! * An invalid body: `job.failed` (`invalid_input`, field, value, bound) → `Rejected`.
+//!
+//! The stored records (`status.json` at start, `failure.json`, `result.json`) are described in
+//! [`crate::records`].
 //!
 //! An event that cannot be announced leaves the delivery unsettled ([`Outcome::Abandoned`]): the
 //! session reconnects and the broker redelivers; deterministic keys and event ids make the second
@@ -30,6 +36,7 @@ use crate::events::{
 use crate::image::{ImageMetadata, ParametersText, encode, parameters_text};
 use crate::job::{Job, JobId, Rejection};
 use crate::queue::{Delivered, Lane, Publisher, QueueError, ReplyTo};
+use crate::records::{self, JobState, Record};
 use crate::storage::{ImageStore, ObjectKey, StorageError};
 
 /// Where terminal events go: the events exchange (confirmed) and the job's `reply_to`.
@@ -151,6 +158,38 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
         CloudEvent::new(kind, &self.source, data, OffsetDateTime::now_utc())
     }
 
+    /// Records that `job` is running, and where its objects are, off the render's path: a slow
+    /// store delays nothing, and a lost write only leaves the job shown as not started until its
+    /// terminal record (a different object, so a late `running` never hides it: [`records`]).
+    pub fn record_started(&self, job: &Job, data: &EventData) {
+        let store = self.store.clone();
+        let (prefix, id) = (job.output.key_prefix.clone(), job.job_id.clone());
+        let record = Record::new(JobState::Running, data.clone());
+        tokio::spawn(async move {
+            let written = async {
+                records::write_index(&*store, &id, &prefix).await?;
+                records::write(&*store, &prefix, &id, &record).await
+            };
+            if let Err(e) = written.await {
+                tracing::warn!(job = %id, error = %e, "recording the running state");
+            }
+        });
+    }
+
+    /// Records a job's end without images (failed, canceled, expired) before it is announced. Best
+    /// effort: the store may be what failed, and the event is the authority; a missing record
+    /// leaves the job counted as pending by `t2i batch`.
+    async fn record_end(&self, key_prefix: &str, job: &JobId, state: JobState, data: &EventData) {
+        let record = Record::new(state, data.clone());
+        let written = async {
+            records::write_index(&*self.store, job, key_prefix).await?;
+            records::write(&*self.store, key_prefix, job, &record).await
+        };
+        if let Err(e) = written.await {
+            tracing::warn!(%job, error = %e, "recording the {} state", state.as_str());
+        }
+    }
+
     /// Publishes a terminal event; `Completed`/`Rejected` as asked when it got out, else `Abandoned`.
     async fn announce(
         &self,
@@ -195,8 +234,14 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
                 timing,
             } => self.complete(job, meta, images, truncated, timing).await,
             Action::Reannounce(stored) => {
+                // The stored result holds keys; its URLs are made now, so they are fresh.
+                let mut data = *stored;
+                let ttl = job.output.presign_ttl;
+                if let Err(e) = records::presign_images(&*self.store, &mut data, ttl).await {
+                    tracing::warn!(job = %job.job_id, error = %e, "presigning a stored result");
+                }
                 let (kind, reply) = (EventKind::Succeeded, meta.reply_to.as_ref());
-                self.announce_terminal(kind, *stored, reply, Outcome::Completed, "reannounced")
+                self.announce_terminal(kind, data, reply, Outcome::Completed, "reannounced")
                     .await
             }
             Action::End(kind) => self.end_early(job, meta, kind).await,
@@ -216,6 +261,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
         rejection: Rejection,
     ) -> Outcome {
         let key = job_id
+            .as_ref()
             .map(|j| j.to_string())
             .or_else(|| {
                 message_id
@@ -249,6 +295,10 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
             metadata: None,
         };
         tracing::info!(job = %key, field = %rejection.field, reason = %rejection.reason, "rejected");
+        // Its key prefix is part of what could not be read: the record goes to the store root.
+        if let Ok(id) = JobId::parse(&key) {
+            self.record_end("", &id, JobState::Failed, &data).await;
+        }
         self.announce_terminal(
             EventKind::Failed,
             data,
@@ -275,6 +325,9 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
             field: None,
             retryable: false,
         });
+        let state = JobState::parse(kind.status()).unwrap_or(JobState::Canceled);
+        self.record_end(&job.output.key_prefix, &job.job_id, state, &data)
+            .await;
         let reply = meta.reply_to.as_ref();
         self.announce_terminal(kind, data, reply, Outcome::Completed, kind.status())
             .await
@@ -292,6 +345,9 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
                 ErrorCode::Oom | ErrorCode::Timeout | ErrorCode::UploadFailed
             ),
         });
+        let prefix = &job.output.key_prefix;
+        self.record_end(prefix, &job.job_id, JobState::Failed, &data)
+            .await;
         let reply = meta.reply_to.as_ref();
         self.announce_terminal(EventKind::Failed, data, reply, Outcome::Rejected, "failed")
             .await
@@ -358,15 +414,11 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
             upload: upload_time.as_millis() as u64,
             total: queued + timing.started.elapsed().as_millis() as u64,
         });
-        // result.json last: its presence means every image is stored.
-        let result_key = ObjectKey::result(&job.output.key_prefix, &job.job_id);
-        let body = serde_json::to_vec_pretty(&data).unwrap_or_default();
-        let ttl = job.output.presign_ttl;
-        if let Err(e) = self
-            .store
-            .put(&result_key, body, "application/json", &[], ttl)
-            .await
-        {
+        // result.json last: its presence means every image is stored. It keeps the images' keys;
+        // the event carries the URLs presigned for this announcement.
+        let record = Record::new(JobState::Succeeded, data.clone());
+        let prefix = &job.output.key_prefix;
+        if let Err(e) = records::write(&*self.store, prefix, &job.job_id, &record).await {
             return self.retry_or_fail(job, meta, e.to_string()).await;
         }
         self.metrics.job_upload.observe(upload_time.as_secs_f64());

@@ -185,7 +185,13 @@ async fn expired_and_canceled_jobs_are_announced_and_acked() {
         );
         assert_eq!(c.sink.kinds(), [ty]);
         assert_eq!(error_code(&c), code);
-        assert!(c.store.objects.lock().unwrap().is_empty());
+        // Recorded for readers of the store (`GET /v1/jobs/{id}`, `t2i batch`), before the event.
+        let objects = c.store.objects.lock().unwrap();
+        let keys: Vec<&String> = objects.keys().collect();
+        assert_eq!(keys, ["_index/fox-1.json", "sets/foxes/fox-1/failure.json"]);
+        let record: EventData = serde_json::from_slice(&objects[keys[1]]).unwrap();
+        assert_eq!(record.status, kind.status());
+        assert_eq!(record.error.unwrap().code, code);
     }
 }
 
@@ -206,11 +212,16 @@ async fn device_failures_are_announced_and_dead_lettered() {
 }
 
 #[tokio::test]
-async fn a_stored_result_is_reannounced_as_it_was() {
+async fn a_stored_result_is_reannounced_as_it_was_with_fresh_urls() {
     let c = completion(5);
     let first = completion(5);
     first.act(&fox(), &meta(1), rendered(2)).await;
-    let stored = first.sink.last().data;
+    // What intake reads back: result.json, which holds keys and no URLs.
+    let stored: EventData = serde_json::from_slice(
+        &first.store.objects.lock().unwrap()["sets/foxes/fox-1/result.json"],
+    )
+    .unwrap();
+    assert!(stored.images.iter().all(|i| i.url.is_none()));
     let outcome = c
         .act(
             &fox(),
@@ -225,7 +236,17 @@ async fn a_stored_result_is_reannounced_as_it_was() {
         first.sink.last().id,
         "the same event id: receivers deduplicate"
     );
-    assert_eq!(again.data, stored);
+    let mut urls_removed = again.data.clone();
+    for (img, want) in urls_removed.images.iter_mut().zip(&stored.images) {
+        assert_eq!(
+            img.url,
+            Some(format!("memory://{}", want.key)),
+            "presigned now"
+        );
+        assert!(img.url_expires_at.is_some());
+        (img.url, img.url_expires_at) = (None, None);
+    }
+    assert_eq!(urls_removed, stored);
 }
 
 #[tokio::test]

@@ -56,6 +56,40 @@ impl ImageStore for MemoryStore {
         Ok(self.objects.lock().unwrap().get(key).cloned())
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        if self.fail_puts.load(Ordering::Relaxed) {
+            return Err(unreachable_store("DELETE", key));
+        }
+        self.objects.lock().unwrap().remove(key);
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> Result<Vec<String>, StorageError> {
+        if self.fail_gets.load(Ordering::Relaxed) {
+            return Err(unreachable_store("LIST", prefix));
+        }
+        let objects = self.objects.lock().unwrap();
+        Ok(objects
+            .keys()
+            .filter(|k| k.starts_with(prefix) && start_after.is_none_or(|a| k.as_str() > a))
+            .take(crate::storage::LIST_PAGE)
+            .cloned()
+            .collect())
+    }
+
+    async fn presign(
+        &self,
+        stored_key: &str,
+        ttl: Duration,
+    ) -> Result<Option<(String, Option<time::OffsetDateTime>)>, StorageError> {
+        let expires = time::OffsetDateTime::UNIX_EPOCH + ttl;
+        Ok(Some((format!("memory://{stored_key}"), Some(expires))))
+    }
+
     fn describe(&self) -> String {
         "memory".into()
     }

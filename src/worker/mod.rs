@@ -17,7 +17,7 @@
 mod batcher;
 mod complete;
 #[cfg(test)]
-mod fakes;
+pub(crate) mod fakes;
 mod intake;
 mod metrics;
 mod render;

@@ -183,6 +183,7 @@ async fn send_started(
         let data = ctx
             .completion
             .data(&h.job, h.meta.attempt, EventKind::Started);
+        ctx.completion.record_started(&h.job, &data);
         let event = ctx.completion.event(EventKind::Started, data);
         match ctx.publisher.send_event(&event, EventKind::Started).await {
             Ok(p) => Some((h.job.job_id.to_string(), p)),

@@ -167,6 +167,11 @@ async fn bulk_template_run_resumes_after_interruption_and_manifest_matches_stora
         (60..500).contains(&already),
         "the rerun should skip what finished: {err}"
     );
+    // The first run had published every job: none is published twice, however many were queued.
+    assert!(
+        err.contains("published 0 job(s)"),
+        "queued jobs must not be republished: {err}"
+    );
 
     // The manifest: one line per job, each file present and matching its sha256.
     let text = std::fs::read_to_string(manifest_dir.join("metadata.jsonl")).unwrap();
@@ -184,6 +189,16 @@ async fn bulk_template_run_resumes_after_interruption_and_manifest_matches_stora
         assert_eq!(r["width"], 32);
         assert_eq!(r["steps"], 1);
         assert!(r["prompt"].as_str().unwrap().starts_with("a animal"));
+        assert_eq!(r["text"], r["prompt"], "the caption column diffusers reads");
+        let key = r["key"].as_str().unwrap();
+        assert_eq!(r["location"], format!("s3://{}/{key}", bucket()));
+        assert!(r.get("url").is_none(), "no expiring URL in a data set: {r}");
+        assert!(
+            r["file_name"]
+                .as_str()
+                .unwrap()
+                .starts_with("images/00000/")
+        );
         assert!(keys_in_manifest.insert(r["key"].as_str().unwrap().to_string()));
         seeds.insert(r["seed"].as_u64().unwrap());
     }
@@ -198,9 +213,62 @@ async fn bulk_template_run_resumes_after_interruption_and_manifest_matches_stora
         .cloned()
         .collect();
     let results = stored.iter().filter(|k| k.ends_with("result.json")).count();
+    let running = stored.iter().filter(|k| k.ends_with("status.json")).count();
     assert_eq!(images, keys_in_manifest);
     assert_eq!(results, 500);
-    assert_eq!(stored.len(), 1000, "{:?}", &stored[..5]);
+    assert_eq!(running, 500, "one running record per job");
+    assert!(stored.contains(&format!("{prefix}batch.json")));
+    assert_eq!(stored.len(), 1501, "{:?}", &stored[..5]);
+
+    // The batch as an object: its status from the store alone.
+    let status = Command::new(env!("CARGO_BIN_EXE_t2i"))
+        .args([
+            "batch",
+            "status",
+            &batch_id,
+            "--json",
+            "--storage",
+            &world.storage(),
+        ])
+        .envs(world.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", stderr(&status));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["counts"]["done"], 500, "{v}");
+    assert_eq!(v["counts"]["pending"], 0, "{v}");
+    assert_eq!(v["counts"]["total"], 500, "{v}");
+    assert_eq!(v["published"], 500, "{v}");
+
+    // What training code reads: Hugging Face `datasets` ImageFolder and the `webdataset` package.
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let check = r#"
+import sys, datasets, webdataset
+ds = datasets.load_dataset("imagefolder", data_dir=sys.argv[1], split="train")
+assert len(ds) == 500, len(ds)
+assert ds[0]["image"].size == (32, 32), ds[0]["image"].size
+assert ds[0]["text"].startswith("a animal"), ds[0]["text"]
+shards = sorted(f"{sys.argv[2]}/shard-{n:05d}.tar" for n in range(4))
+samples = list(webdataset.WebDataset(shards, shardshuffle=False).decode("pil").to_tuple("png", "json"))
+assert len(samples) == 500, len(samples)
+assert samples[0][0].size == (32, 32) and "seed" in samples[0][1]
+print("python ok", len(ds), len(samples))
+"#;
+    let py = Command::new(&python)
+        .args(["-c", check])
+        .arg(&manifest_dir)
+        .arg(&wds_dir)
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", dir.path().join("hf"))
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&py.stdout),
+        stderr(&py)
+    );
 
     // WebDataset: 4 shards of up to 128 samples, two files each.
     let mut shard_entries: HashMap<String, usize> = HashMap::new();

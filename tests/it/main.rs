@@ -7,6 +7,7 @@
 //! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness).
 //! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
 //! * `webhooks`: `t2i webhooks` (signatures, retries, SSRF guard) and `t2i gateway`.
+//! * `jobs`: every job state over HTTP (`GET`/`DELETE /v1/jobs/{id}`) from the store's records.
 //! * `deploy`: the RabbitMQ definitions in `infra/` against the topology the worker declares.
 
 mod batching;
@@ -14,6 +15,7 @@ mod broker;
 mod cli;
 mod clients;
 mod deploy;
+mod jobs;
 mod parity;
 mod support;
 mod webhooks;

@@ -3,7 +3,9 @@
 //! * `POST /v1/jobs`: a job of the contract (`job_id` optional: a UUIDv7 is assigned), checked with
 //!   the workers' own `parse_job_body`, published with confirms; `202` with the id and a status URL.
 //!   `?lane=bulk` queues it behind interactive work.
-//! * `GET /v1/jobs/{id}`: the stored `result.json` (the succeeded event's data) once done, else 404.
+//! * `GET /v1/jobs/{id}`: the job's state in any of queued, running, succeeded, failed, canceled,
+//!   expired, from the store's records, with URLs presigned on each read; `DELETE` cancels it
+//!   ([`jobs`]). Jobs the gateway accepts are recorded as queued before they are published.
 //! * `POST /generate-image`: `{"text": "...", ...contract fields}`; publishes with `reply_to` and waits
 //!   for the terminal event (timeout: `--wait-timeout-s`), then answers with the image URLs or the
 //!   error. The shape of the Flask demo this product replaces.
@@ -12,7 +14,7 @@
 //!   latency ([`HttpMetrics`]).
 //!
 //! Errors are JSON: `{"error": {"code", "message", "field"?, "value"?}}` with 400/401/404/413/415/
-//! 422/503/504. With `--auth-token`, every `/v1` and `/generate-image` call needs `Authorization:
+//! 409/422/503/504. With `--auth-token`, every `/v1` and `/generate-image` call needs `Authorization:
 //! Bearer <token>`. Request bodies are limited to the contract's 64 KiB.
 
 // Helpers return the finished error `Response` (128 bytes) as their `Err`, once per request.
@@ -24,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,11 +40,14 @@ use crate::cli::GatewayArgs;
 use crate::events::{CloudEvent, EventData};
 use crate::health::{Health, HttpMetrics};
 use crate::job::message::MAX_BODY_BYTES;
-use crate::job::{JobId, ModelDefaults, parse_job_body};
+use crate::job::{Job, ModelDefaults, parse_job_body};
 use crate::queue::{
     Connection, Consumer, Delivered, Lane, Publisher, Reconnect, ReplyTo, Topology,
 };
-use crate::storage::{ImageStore, ObjectKey, Store};
+use crate::storage::Store;
+
+mod jobs;
+mod openapi;
 
 /// A live broker session: the confirming publisher and the reply queue's name.
 struct Session {
@@ -63,6 +68,8 @@ struct App {
     wait: Duration,
     model: String,
     limits: crate::job::Limits,
+    /// Lifetime of the URLs presigned on each `GET /v1/jobs/{id}`.
+    presign_ttl: Duration,
 }
 
 /// A JSON error response.
@@ -119,7 +126,7 @@ impl App {
     }
 
     /// Body → checked job JSON (with a job id), or the structured 4xx.
-    fn job_from(&self, body: &[u8], text_field: bool) -> Result<(String, Value), Response> {
+    fn job_from(&self, body: &[u8], text_field: bool) -> Result<(Job, Value), Response> {
         if body.len() > MAX_BODY_BYTES {
             return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -169,7 +176,7 @@ impl App {
             &ModelDefaults::default(),
             &self.model,
         ) {
-            Ok(job) => Ok((job.job_id.to_string(), v)),
+            Ok(job) => Ok((job, v)),
             Err(bad) => {
                 let r = bad.rejection;
                 Err(invalid(&r.field, &r.reason, &r.value))
@@ -261,10 +268,12 @@ async fn submit(
         Some(Ok(lane)) => lane,
         Some(Err(e)) => return invalid("lane", "must be interactive or bulk", &e.0),
     };
-    let (id, job) = match app.job_from(&body, false) {
+    let (parsed, job) = match app.job_from(&body, false) {
         Ok(x) => x,
         Err(r) => return r,
     };
+    let id = parsed.job_id.to_string();
+    jobs::record_queued(&app, &parsed).await;
     if let Err(r) = app.publish(lane, &id, &job, false).await {
         return r;
     }
@@ -277,41 +286,6 @@ async fn submit(
         .into_response()
 }
 
-async fn status(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = app.authorized(&headers) {
-        return r;
-    }
-    let Ok(job_id) = JobId::parse(&id) else {
-        return invalid("job_id", "1 to 128 characters of [A-Za-z0-9._:-]", &id);
-    };
-    // Only the job id is known here, not the `output.key_prefix` a job may have set: results
-    // stored under a prefix (every `t2i enqueue` job) are not found by this lookup.
-    match app.store.get(&ObjectKey::result("", &job_id)).await {
-        Ok(Some(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
-            Ok(v) => Json(v).into_response(),
-            Err(_) => error(
-                StatusCode::BAD_GATEWAY,
-                "internal",
-                "stored result is not JSON",
-            ),
-        },
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no result for {id} (queued, running, failed or unknown)"),
-        ),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("storage: {e}"),
-        ),
-    }
-}
-
 async fn generate(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -321,10 +295,12 @@ async fn generate(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let (id, job) = match app.job_from(&body, true) {
+    let (parsed, job) = match app.job_from(&body, true) {
         Ok(x) => x,
         Err(r) => return r,
     };
+    let id = parsed.job_id.to_string();
+    jobs::record_queued(&app, &parsed).await;
     let (tx, rx) = oneshot::channel();
     app.waiters
         .lock()
@@ -394,67 +370,6 @@ fn respond(d: &EventData) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
-    let job: Value =
-        serde_json::from_str(include_str!("../schemas/job.schema.json")).unwrap_or(Value::Null);
-    let err = json!({"type": "object", "required": ["error"], "properties": {"error": {"type": "object",
-        "required": ["code", "message"], "properties": {"code": {"type": "string"},
-        "message": {"type": "string"}, "field": {"type": "string"}, "value": {"type": "string"}}}}});
-    let errors = |codes: &[&str]| -> Value {
-        let mut m = serde_json::Map::new();
-        for c in codes {
-            m.insert(c.to_string(), json!({"description": "error",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}));
-        }
-        Value::Object(m)
-    };
-    let with = |mut base: Value, extra: Value| {
-        if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
-            b.extend(e.clone());
-        }
-        base
-    };
-    Json(json!({
-        "openapi": "3.1.0",
-        "info": {"title": "t2i gateway", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Text-to-image jobs (contract v1) over HTTP."},
-        "components": {
-            "schemas": {"Job": job, "Error": err},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
-        },
-        "security": [{"bearer": []}],
-        "paths": {
-            "/v1/jobs": {"post": {
-                "summary": "Queue a job (job_id optional)",
-                "parameters": [{"name": "lane", "in": "query", "schema": {"enum": Lane::ALL.map(Lane::routing_key)}}],
-                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
-                "responses": with(json!({"202": {"description": "queued", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"job_id": {"type": "string"}, "status": {"const": "queued"},
-                    "status_url": {"type": "string"}}}}}}}), errors(&["400", "401", "413", "422", "503"]))
-            }},
-            "/v1/jobs/{id}": {"get": {
-                "summary": "The stored result of a finished job",
-                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
-                "responses": with(json!({"200": {"description": "the succeeded event's data (result.json)"}}),
-                    errors(&["401", "404", "422", "503"]))
-            }},
-            "/generate-image": {"post": {
-                "summary": "Generate and wait: {\"text\": ...} plus optional job fields",
-                "requestBody": {"required": true, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["text"], "properties": {"text": {"type": "string"}},
-                    "additionalProperties": true}}}},
-                "responses": with(json!({"200": {"description": "image URLs", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"job_id": {"type": "string"}, "image_url": {"type": "string"},
-                    "images": {"type": "array"}}}}}}}), errors(&["400", "401", "409", "413", "422", "502", "503", "504"]))
-            }},
-            "/healthz": {"get": {"security": [], "responses": {"200": {"description": "alive"}}}},
-            "/readyz": {"get": {"security": [], "responses": {"200": {"description": "connected to the broker"},
-                "503": {"description": "not connected"}}}}
-        }
-    }))
-    .into_response()
-}
-
 /// Keeps a broker session up: connect, declare, open the publisher and the reply queue, dispatch
 /// replies to waiting requests; on loss, reconnect (the queue module's one policy).
 async fn maintain(app: Arc<App>, url: String, shutdown: CancellationToken) {
@@ -515,9 +430,9 @@ fn router(app: Arc<App>) -> Router {
     let http_metrics = HttpMetrics::new(app.health.registry());
     let routes = Router::new()
         .route("/v1/jobs", post(submit))
-        .route("/v1/jobs/{id}", get(status))
+        .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/generate-image", post(generate))
-        .route("/openapi.json", get(openapi))
+        .route("/openapi.json", get(openapi::openapi))
         // One byte over the contract's limit reaches the handler, which answers 413 in JSON.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES + 1))
         .with_state(app)
@@ -540,6 +455,7 @@ pub async fn run(args: GatewayArgs, shutdown: CancellationToken) -> Result<()> {
         wait: Duration::from_secs(args.wait_timeout_s.max(1)),
         model: args.model.clone(),
         limits: args.limits.limits(),
+        presign_ttl: jobs::presign_ttl(args.presign_ttl_s),
     });
     tokio::spawn(maintain(
         app.clone(),
