@@ -387,3 +387,95 @@ async fn enqueue_publishes_a_large_set_with_confirms() {
     assert_eq!(queued as usize, n);
     world.cleanup().await;
 }
+
+/// `t2i batch watch` on a batch published without `--wait`: it follows the events, loses them when
+/// the broker restarts mid-batch, reconnects, lists the store again and ends with every job counted
+/// once. Nothing is published by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_watch_survives_a_broker_restart_and_counts_every_job_once() {
+    let _g = serial().await;
+    let mut world = World::new("watch").await;
+    let out = enqueue_cmd(
+        &world,
+        &[
+            "--template",
+            "a {animal}",
+            "--var",
+            "animal=cat,dog,fox,owl,elk,yak,emu,ant,bee,cod,eel,gnu",
+            "--images-per-prompt",
+            "2",
+            "--batch-id",
+            "watchme",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "8",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("watch.log");
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_t2i"))
+        .args([
+            "batch",
+            "watch",
+            "watchme",
+            "--quiet",
+            "--wait-timeout-s",
+            "240",
+        ])
+        .args(["--storage", &world.storage()])
+        .args(["--amqp-url", &amqp_url(), "--amqp-prefix", &world.prefix])
+        .args(["--retry-delays", "1,2,4,8"])
+        .envs(world.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("T2I_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let worker = WorkerProc::spawn(&world, "w1", &["--max-batch", "2"]);
+    let some_done = |seen: &[CloudEvent]| {
+        seen.iter()
+            .filter(|e| e.kind == "t2i.job.succeeded")
+            .count()
+            >= 3
+    };
+    assert!(
+        world
+            .collect_until(Duration::from_secs(120), some_done)
+            .await
+    );
+    crate::broker::rabbitmqctl(&["stop_app"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    crate::broker::rabbitmqctl(&["start_app"]);
+    crate::broker::rabbitmqctl(&["await_startup"]);
+    world.reconnect().await;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Some(s) = watch.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "watch never ended: {}",
+            worker.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(
+        text.contains("lost the event stream"),
+        "the restart must have cut the watch off: {text}"
+    );
+    assert!(
+        text.contains("batch watchme: 24 job(s) ended (24 done, 0 failed)"),
+        "{text}"
+    );
+    drop(worker);
+    world.cleanup().await;
+}
