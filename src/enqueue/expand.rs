@@ -215,100 +215,158 @@ pub enum Combine {
     Zip,
 }
 
+/// A prompt template and its value lists: items made on demand, so a template of a million
+/// combinations costs its lists, not a million items.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    template: String,
+    vars: Vec<(String, Vec<String>)>,
+    combine: Combine,
+    len: usize,
+}
+
+impl Template {
+    /// Checks that every placeholder has values and every variable is used.
+    pub fn new(
+        template: &str,
+        vars: &[(String, Vec<String>)],
+        combine: Combine,
+    ) -> Result<Self, InputError> {
+        let err = |reason: String| InputError {
+            origin: "--template".into(),
+            reason,
+        };
+        let mut names = Vec::new();
+        let mut rest = template;
+        while let Some(start) = rest.find('{') {
+            let after = &rest[start + 1..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| err(format!("unclosed `{{` in {template:?}")))?;
+            names.push(after[..end].to_string());
+            rest = &after[end + 1..];
+        }
+        let values: BTreeMap<&str, &Vec<String>> =
+            vars.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        for n in &names {
+            if !values.contains_key(n.as_str()) {
+                return Err(err(format!("no values for {{{n}}}: add --var {n}=a,b,...")));
+            }
+        }
+        for (k, v) in vars {
+            if !names.contains(k) {
+                return Err(err(format!("--var {k} is not used by the template")));
+            }
+            if v.is_empty() {
+                return Err(err(format!("--var {k} has no values")));
+            }
+        }
+        let len = match combine {
+            Combine::Cartesian => vars
+                .iter()
+                .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len())),
+            Combine::Zip => {
+                let n = vars.first().map_or(1, |(_, v)| v.len());
+                if let Some((k, v)) = vars.iter().find(|(_, v)| v.len() != n) {
+                    return Err(err(format!(
+                        "--zip needs equally long value lists: {k} has {}, {} has {n}",
+                        v.len(),
+                        vars[0].0
+                    )));
+                }
+                Some(n)
+            }
+        }
+        .ok_or_else(|| err("more combinations than this machine can count".into()))?;
+        Ok(Self {
+            template: template.to_string(),
+            vars: vars.to_vec(),
+            combine,
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Item `i`: in cartesian order the first variable varies slowest (mixed-radix digits of `i`,
+    /// the last variable's lowest).
+    pub fn item(&self, i: usize) -> Item {
+        let mut combo: Vec<(&str, &str)> = Vec::with_capacity(self.vars.len());
+        match self.combine {
+            Combine::Cartesian => {
+                let mut rest = i;
+                for (k, vs) in self.vars.iter().rev() {
+                    combo.push((k.as_str(), vs[rest % vs.len()].as_str()));
+                    rest /= vs.len();
+                }
+                combo.reverse();
+            }
+            Combine::Zip => {
+                combo.extend(self.vars.iter().map(|(k, v)| (k.as_str(), v[i].as_str())))
+            }
+        }
+        let mut prompt = self.template.clone();
+        for (k, v) in &combo {
+            prompt = prompt.replace(&format!("{{{k}}}"), v);
+        }
+        let mut job = Map::new();
+        job.insert("prompt".into(), Value::from(prompt));
+        let vars: Map<String, Value> = combo
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect();
+        job.insert(
+            "metadata".into(),
+            serde_json::json!({ "template_vars": vars }),
+        );
+        Item {
+            origin: format!("template #{}", i + 1),
+            job,
+        }
+    }
+}
+
 /// `"a {animal} in {style}"` with `animal=cat,dog` and `style=oil,ink` → prompts.
 pub fn expand_template(
     template: &str,
     vars: &[(String, Vec<String>)],
     combine: Combine,
 ) -> Result<Vec<Item>, InputError> {
-    let err = |reason: String| InputError {
-        origin: "--template".into(),
-        reason,
-    };
-    // Placeholders named in the template must all have values, and every variable must be used.
-    let mut names = Vec::new();
-    let mut rest = template;
-    while let Some(start) = rest.find('{') {
-        let after = &rest[start + 1..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| err(format!("unclosed `{{` in {template:?}")))?;
-        names.push(after[..end].to_string());
-        rest = &after[end + 1..];
-    }
-    let values: BTreeMap<&str, &Vec<String>> = vars.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    for n in &names {
-        if !values.contains_key(n.as_str()) {
-            return Err(err(format!("no values for {{{n}}}: add --var {n}=a,b,...")));
+    let t = Template::new(template, vars, combine)?;
+    Ok((0..t.len()).map(|i| t.item(i)).collect())
+}
+
+/// The items of a batch: read (flags, files) or made on demand (a template).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Items {
+    List(Vec<Item>),
+    Template(Template),
+}
+
+impl Items {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::List(v) => v.len(),
+            Self::Template(t) => t.len(),
         }
     }
-    for (k, v) in vars {
-        if !names.contains(k) {
-            return Err(err(format!("--var {k} is not used by the template")));
-        }
-        if v.is_empty() {
-            return Err(err(format!("--var {k} has no values")));
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn item(&self, i: usize) -> std::borrow::Cow<'_, Item> {
+        match self {
+            Self::List(v) => std::borrow::Cow::Borrowed(&v[i]),
+            Self::Template(t) => std::borrow::Cow::Owned(t.item(i)),
         }
     }
-    let combos: Vec<Vec<(&str, &str)>> = match combine {
-        Combine::Cartesian => {
-            let mut combos: Vec<Vec<(&str, &str)>> = vec![Vec::new()];
-            for (k, vs) in vars {
-                combos = combos
-                    .into_iter()
-                    .flat_map(|c| {
-                        vs.iter().map(move |v| {
-                            let mut c = c.clone();
-                            c.push((k.as_str(), v.as_str()));
-                            c
-                        })
-                    })
-                    .collect();
-            }
-            combos
-        }
-        Combine::Zip => {
-            let n = vars.first().map_or(1, |(_, v)| v.len());
-            if let Some((k, v)) = vars.iter().find(|(_, v)| v.len() != n) {
-                return Err(err(format!(
-                    "--zip needs equally long value lists: {k} has {}, {} has {n}",
-                    v.len(),
-                    vars[0].0
-                )));
-            }
-            (0..n)
-                .map(|i| {
-                    vars.iter()
-                        .map(|(k, v)| (k.as_str(), v[i].as_str()))
-                        .collect()
-                })
-                .collect()
-        }
-    };
-    Ok(combos
-        .into_iter()
-        .enumerate()
-        .map(|(i, combo)| {
-            let mut prompt = template.to_string();
-            for (k, v) in &combo {
-                prompt = prompt.replace(&format!("{{{k}}}"), v);
-            }
-            let mut job = Map::new();
-            job.insert("prompt".into(), Value::from(prompt));
-            let vars: Map<String, Value> = combo
-                .iter()
-                .map(|(k, v)| (k.to_string(), Value::from(*v)))
-                .collect();
-            job.insert(
-                "metadata".into(),
-                serde_json::json!({ "template_vars": vars }),
-            );
-            Item {
-                origin: format!("template #{}", i + 1),
-                job,
-            }
-        })
-        .collect())
 }
 
 /// `name=a,b,c` → (name, [a, b, c]).
@@ -358,78 +416,134 @@ pub struct PlannedJob {
     pub body: Map<String, Value>,
 }
 
-/// Items → jobs: defaults, copies, seeds, batch id, job ids, `batch` and `output.key_prefix`.
-pub fn plan(items: Vec<Item>, plan: &Plan) -> (String, Vec<PlannedJob>) {
-    let mut jobs: Vec<(String, Map<String, Value>)> = Vec::new();
-    for item in items {
-        let mut job = item.job;
-        for (k, v) in &plan.defaults {
-            job.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-        for copy in 0..plan.images_per_prompt.max(1) {
-            let origin = if plan.images_per_prompt > 1 {
-                format!("{} (copy {})", item.origin, copy + 1)
-            } else {
-                item.origin.clone()
-            };
-            let mut job = job.clone();
-            // Copies of a row that sets its seed continue after the images of the copy before.
-            if let Some(seed) = job.get("seed").and_then(Value::as_u64) {
-                let step = u64::from(copy) * images_of(&job);
-                job.insert("seed".into(), Value::from(seed.wrapping_add(step)));
+/// Items → jobs, on demand: defaults, copies, seeds, batch id, job ids, `batch` and
+/// `output.key_prefix`. [`Planner::new`] walks the items once (the batch id digest, the largest
+/// `num_images`); [`Planner::jobs`] then makes the jobs in batch order as often as asked, each from
+/// its item, so a batch's memory is its items' (a template's value lists), not its jobs'.
+pub struct Planner {
+    items: Items,
+    plan: Plan,
+    batch_id: String,
+    prefix: String,
+    max_images: u64,
+    total: u64,
+}
+
+impl Planner {
+    pub fn new(items: Items, plan: &Plan) -> Self {
+        let copies = plan.images_per_prompt.max(1);
+        let mut h = Sha256::new();
+        let mut max_images = 1;
+        let mut total = 0u64;
+        for i in 0..items.len() {
+            for copy in 0..copies {
+                let (_, job) = with_defaults(&items.item(i), copy, plan);
+                max_images = max_images.max(images_of(&job));
+                total += 1;
+                // The batch id covers everything that defines the set (not the seeds of the random
+                // strategy, which derive from it).
+                if plan.batch_id.is_none() {
+                    h.update(Value::Object(job).to_string().as_bytes());
+                    h.update(b"\n");
+                }
             }
-            jobs.push((origin, job));
+        }
+        let batch_id = plan.batch_id.clone().unwrap_or_else(|| {
+            h.update(format!("{:?}", plan.seeds).as_bytes());
+            format!("b{}", &hex::encode(h.finalize())[..15])
+        });
+        let prefix = plan
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| format!("datasets/{batch_id}/"));
+        Self {
+            items,
+            plan: plan.clone(),
+            batch_id,
+            prefix,
+            max_images,
+            total,
         }
     }
-    // The batch id covers everything that defines the set (not the seeds of the random strategy,
-    // which derive from it).
-    let batch_id = plan.batch_id.clone().unwrap_or_else(|| {
-        let mut h = Sha256::new();
-        for (_, j) in &jobs {
-            h.update(Value::Object(j.clone()).to_string().as_bytes());
-            h.update(b"\n");
-        }
-        h.update(format!("{:?}", plan.seeds).as_bytes());
-        format!("b{}", &hex::encode(h.finalize())[..15])
-    });
-    let total = jobs.len() as u64;
-    let max_images = jobs.iter().map(|(_, j)| images_of(j)).max().unwrap_or(1);
-    let mut seeder = Seeder::new(plan.seeds, &batch_id, max_images);
-    let prefix = plan
-        .key_prefix
-        .clone()
-        .unwrap_or_else(|| format!("datasets/{batch_id}/"));
-    let planned = jobs
-        .into_iter()
-        .enumerate()
-        .map(|(i, (origin, mut body))| {
-            let index = i as u64;
-            let seed = seeder.seed(index, images_of(&body));
-            body.entry("seed").or_insert_with(|| Value::from(seed));
-            let job_id = match body.get("job_id").and_then(Value::as_str) {
-                Some(id) => id.to_string(),
-                None => format!("{batch_id}-{index:07}"),
-            };
-            body.insert("job_id".into(), Value::from(job_id.clone()));
-            body.insert(
-                "batch".into(),
-                serde_json::json!({"id": batch_id, "index": index, "total": total}),
-            );
-            let output = body
-                .entry("output")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(o) = output {
-                o.entry("key_prefix")
-                    .or_insert_with(|| Value::from(prefix.clone()));
-            }
-            PlannedJob {
-                origin,
-                job_id,
-                body,
-            }
-        })
-        .collect();
-    (batch_id, planned)
+
+    pub fn batch_id(&self) -> &str {
+        &self.batch_id
+    }
+
+    /// The batch's own key prefix (`--key-prefix`, else `datasets/<batch id>/`).
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Every job, in batch order.
+    pub fn jobs(&self) -> impl Iterator<Item = PlannedJob> + '_ {
+        let copies = self.plan.images_per_prompt.max(1);
+        let mut seeder = Seeder::new(self.plan.seeds, &self.batch_id, self.max_images);
+        (0..self.items.len())
+            .flat_map(move |i| (0..copies).map(move |copy| (i, copy)))
+            .enumerate()
+            .map(move |(index, (i, copy))| {
+                let (origin, mut body) = with_defaults(&self.items.item(i), copy, &self.plan);
+                let index = index as u64;
+                let seed = seeder.seed(index, images_of(&body));
+                body.entry("seed").or_insert_with(|| Value::from(seed));
+                let job_id = match body.get("job_id").and_then(Value::as_str) {
+                    Some(id) => id.to_string(),
+                    None => format!("{}-{index:07}", self.batch_id),
+                };
+                body.insert("job_id".into(), Value::from(job_id.clone()));
+                body.insert(
+                    "batch".into(),
+                    serde_json::json!({"id": self.batch_id, "index": index, "total": self.total}),
+                );
+                let output = body
+                    .entry("output")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(o) = output {
+                    o.entry("key_prefix")
+                        .or_insert_with(|| Value::from(self.prefix.clone()));
+                }
+                PlannedJob {
+                    origin,
+                    job_id,
+                    body,
+                }
+            })
+    }
+}
+
+/// Copy `copy` of an item with the command's defaults (and, for a row that sets its seed, the seed
+/// after the images of the copies before).
+fn with_defaults(item: &Item, copy: u32, plan: &Plan) -> (String, Map<String, Value>) {
+    let mut job = item.job.clone();
+    for (k, v) in &plan.defaults {
+        job.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    let origin = if plan.images_per_prompt > 1 {
+        format!("{} (copy {})", item.origin, copy + 1)
+    } else {
+        item.origin.clone()
+    };
+    if let Some(seed) = job.get("seed").and_then(Value::as_u64) {
+        let step = u64::from(copy) * images_of(&job);
+        job.insert("seed".into(), Value::from(seed.wrapping_add(step)));
+    }
+    (origin, job)
+}
+
+/// All of a batch's jobs at once (small batches and tests).
+pub fn plan(items: Vec<Item>, plan: &Plan) -> (String, Vec<PlannedJob>) {
+    let p = Planner::new(Items::List(items), plan);
+    let jobs = p.jobs().collect();
+    (p.batch_id, jobs)
 }
 
 #[cfg(test)]
@@ -504,6 +618,39 @@ mod tests {
         let (id3, c) = plan(items, &indexed);
         assert_ne!(id3, id1, "the seed strategy is part of the batch identity");
         assert_eq!(c[5].body["seed"], 105);
+    }
+
+    #[test]
+    fn a_template_planned_on_demand_is_the_expanded_list_planned_at_once() {
+        let vars = vec![
+            parse_var("a=1,2,3").unwrap(),
+            parse_var("b=x,y").unwrap(),
+            parse_var("c=p,q,r,s").unwrap(),
+        ];
+        let p = Plan {
+            defaults: Map::new(),
+            images_per_prompt: 2,
+            seeds: SeedStrategy::Index { base: None },
+            batch_id: None,
+            key_prefix: None,
+        };
+        let t = Template::new("{a} {b} {c}", &vars, Combine::Cartesian).unwrap();
+        assert_eq!(t.len(), 24);
+        let lazy = Planner::new(Items::Template(t.clone()), &p);
+        let (id, eager) = plan(
+            expand_template("{a} {b} {c}", &vars, Combine::Cartesian).unwrap(),
+            &p,
+        );
+        assert_eq!(
+            lazy.batch_id(),
+            id,
+            "the same batch id: resumable across versions"
+        );
+        assert_eq!(lazy.len(), 48);
+        assert_eq!(lazy.jobs().collect::<Vec<_>>(), eager);
+        // Asked twice, the same jobs (each pass makes them again).
+        assert!(lazy.jobs().eq(lazy.jobs()));
+        assert_eq!(t.item(23).job["prompt"], "3 y s");
     }
 
     #[test]

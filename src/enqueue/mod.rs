@@ -11,7 +11,8 @@
 pub mod expand;
 pub mod seeds;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -25,31 +26,42 @@ use crate::cli::{EnqueueArgs, UsageError};
 use crate::job::{JobId, ModelDefaults, parse_job_body};
 use crate::queue::{Connection, Delivered, Lane};
 use crate::storage::{ImageStore, ObjectKey, Store};
-use expand::{Combine, InputError, InputFormat, Plan, PlannedJob};
+use expand::{Combine, InputError, InputFormat, Items, Plan, PlannedJob, Planner};
 use seeds::SeedStrategy;
 
 pub async fn run(args: EnqueueArgs) -> Result<()> {
-    let (lane, jobs, batch_id) = prepare(&args)?;
+    let prepared = prepare(&args)?;
     if args.dry_run {
-        for j in &jobs {
-            println!("{}", json_text(&j.body));
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        for j in prepared.planner.jobs() {
+            writeln!(out, "{}", json_text(&j.body))?;
         }
+        out.flush()?;
         eprintln!(
-            "dry run: {} job(s) in batch {batch_id} for the {} queue; nothing published",
-            jobs.len(),
-            lane.routing_key()
+            "dry run: {} job(s) in batch {} for the {} queue; nothing published",
+            prepared.planner.len(),
+            prepared.planner.batch_id(),
+            prepared.lane.routing_key()
         );
         return Ok(());
     }
-    match publish_and_wait(&args, lane, &jobs, &batch_id).await? {
+    match publish_and_wait(&args, &prepared).await? {
         Some(finished) => watch::report(&finished),
         None => Ok(()),
     }
 }
 
-/// Flags and inputs → validated jobs. Any invalid item is reported (all of them, with file and
-/// line) and nothing is published.
-pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
+/// A checked batch, ready to publish.
+pub struct Prepared {
+    pub lane: Lane,
+    pub planner: Planner,
+    /// Every key prefix a job of the batch stores under (the batch's own, and any an input row set).
+    pub prefixes: BTreeSet<String>,
+}
+
+/// Flags and inputs → validated jobs. Any invalid item is reported (up to 100 of them, with file
+/// and line) and nothing is published. The jobs are checked as they are made, one at a time.
+pub fn prepare(args: &EnqueueArgs) -> Result<Prepared> {
     let usage = |m: String| anyhow::Error::from(UsageError(m));
     let sources = [
         !args.prompt.is_empty(),
@@ -65,6 +77,7 @@ pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
         ));
     }
     let mut items = Vec::new();
+    let mut template = None;
     let mut input_errors = Vec::new();
     if !args.prompt.is_empty() {
         for (i, p) in args.prompt.iter().enumerate() {
@@ -101,8 +114,12 @@ pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
         } else {
             Combine::Cartesian
         };
-        items = expand::expand_template(t, &vars, combine).map_err(|e| report(&[e]))?;
+        template = Some(expand::Template::new(t, &vars, combine).map_err(|e| report(&[e], 1))?);
     }
+    let items = match template {
+        Some(t) => Items::Template(t),
+        None => Items::List(items),
+    };
     if items.is_empty() && input_errors.is_empty() {
         return Err(usage("the input holds no jobs".into()));
     }
@@ -153,7 +170,8 @@ pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
         batch_id: args.batch_id.clone(),
         key_prefix: args.key_prefix.clone(),
     };
-    let (batch_id, jobs) = expand::plan(items, &plan);
+    let planner = Planner::new(items, &plan);
+    let batch_id = planner.batch_id().to_string();
     if let Err(r) = crate::job::JobId::parse(&batch_id) {
         return Err(usage(format!("--batch-id: {}", r.reason)));
     }
@@ -161,30 +179,62 @@ pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
     let limits = args.limits.limits();
     let defaults = ModelDefaults::default();
     let mut errors = input_errors;
-    let mut ids = HashSet::new();
-    for j in &jobs {
+    let mut invalid = errors.len();
+    let mut note = |errors: &mut Vec<InputError>, e: InputError| {
+        invalid += 1;
+        if errors.len() < 100 {
+            errors.push(e);
+        }
+    };
+    // Derived ids (`<batch id>-<index>`) are unique by construction: only ids set by input rows are
+    // remembered, to find repeats among them and with the derived ones.
+    let mut own_ids = HashSet::new();
+    let derived = |id: &str| {
+        id.strip_prefix(&batch_id)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n < planner.len())
+    };
+    let mut prefixes = BTreeSet::from([planner.key_prefix().to_string()]);
+    for j in planner.jobs() {
         let body = json_text(&j.body);
         let model = j
             .body
             .get("model")
             .and_then(Value::as_str)
             .unwrap_or("segmind/SSD-1B");
-        if let Err(bad) = parse_job_body(body.as_bytes(), &limits, &defaults, model) {
-            let r = bad.rejection;
-            errors.push(InputError {
-                origin: j.origin.clone(),
-                reason: format!("{}: {} ({})", r.field, r.reason, r.value),
-            });
+        match parse_job_body(body.as_bytes(), &limits, &defaults, model) {
+            Err(bad) => {
+                let r = bad.rejection;
+                let reason = format!("{}: {} ({})", r.field, r.reason, r.value);
+                note(
+                    &mut errors,
+                    InputError {
+                        origin: j.origin.clone(),
+                        reason,
+                    },
+                );
+            }
+            Ok(job) if !prefixes.contains(&job.output.key_prefix) => {
+                prefixes.insert(job.output.key_prefix);
+            }
+            Ok(_) => {}
         }
-        if !ids.insert(j.job_id.as_str()) {
-            errors.push(InputError {
-                origin: j.origin.clone(),
-                reason: format!("job_id {} appears twice", j.job_id),
-            });
+        let index = j.body["batch"]["index"].as_u64().unwrap_or(u64::MAX);
+        let own = j.job_id != format!("{batch_id}-{index:07}");
+        if own && (derived(&j.job_id) || !own_ids.insert(j.job_id.clone())) {
+            let reason = format!("job_id {} appears twice", j.job_id);
+            note(
+                &mut errors,
+                InputError {
+                    origin: j.origin.clone(),
+                    reason,
+                },
+            );
         }
     }
     if !errors.is_empty() {
-        return Err(report(&errors));
+        return Err(report(&errors, invalid));
     }
     let lane = match args.lane.as_deref().map(Lane::parse) {
         Some(Ok(lane)) => lane,
@@ -195,40 +245,35 @@ pub fn prepare(args: &EnqueueArgs) -> Result<(Lane, Vec<PlannedJob>, String)> {
     if args.dataset.wanted() && !args.wait {
         return Err(usage("--manifest and --webdataset need --wait".into()));
     }
-    Ok((lane, jobs, batch_id))
+    Ok(Prepared {
+        lane,
+        planner,
+        prefixes,
+    })
 }
 
-/// Prints every input error (up to 100) and returns the usage error that ends the command.
-fn report(errors: &[InputError]) -> anyhow::Error {
+/// Prints the input errors kept (up to 100) of `count` and returns the usage error that ends the
+/// command.
+fn report(errors: &[InputError], count: usize) -> anyhow::Error {
     for e in errors.iter().take(100) {
         eprintln!("invalid: {e}");
     }
-    if errors.len() > 100 {
-        eprintln!("... and {} more", errors.len() - 100);
+    if count > errors.len().min(100) {
+        eprintln!("... and {} more", count - errors.len().min(100));
     }
-    UsageError(format!(
-        "{} invalid item(s); nothing was published",
-        errors.len()
-    ))
-    .into()
+    UsageError(format!("{count} invalid item(s); nothing was published")).into()
 }
 
 /// Every this many jobs, publishing stops to collect the confirms and records in `batch.json`
 /// that all jobs before this point are published: an interrupted run resumes from there.
 const CHECKPOINT_JOBS: usize = 50_000;
 
-/// What an earlier run left of each planned job, from one listing per key prefix.
-async fn earlier(store: &Store, jobs: &[PlannedJob]) -> Result<HashMap<String, Seen>> {
+/// What an earlier run left of each job, from one listing of each key prefix of the batch.
+async fn earlier(store: &Store, prefixes: &BTreeSet<String>) -> Result<HashMap<String, Seen>> {
     let mut seen = HashMap::new();
-    let mut prefixes: Vec<&str> = jobs.iter().map(key_prefix_of).collect();
-    prefixes.sort_unstable();
-    prefixes.dedup();
-    let planned: HashSet<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
     for prefix in prefixes {
         scan(store, prefix, |job, s| {
-            if planned.contains(job) {
-                seen.insert(job.to_string(), s);
-            }
+            seen.insert(job.to_string(), s);
         })
         .await
         .with_context(|| format!("listing {prefix}"))?;
@@ -241,60 +286,29 @@ fn key_prefix_of(j: &PlannedJob) -> &str {
 }
 
 /// Publishes what an earlier run did not, then (with `--wait`) follows the batch to its end.
-async fn publish_and_wait(
-    args: &EnqueueArgs,
-    lane: Lane,
-    jobs: &[PlannedJob],
-    batch_id: &str,
-) -> Result<Option<Finished>> {
+async fn publish_and_wait(args: &EnqueueArgs, prepared: &Prepared) -> Result<Option<Finished>> {
+    let (lane, planner) = (prepared.lane, &prepared.planner);
+    let (batch_id, total) = (planner.batch_id(), planner.len());
     let topology = crate::config::topology(&args.broker)?;
     let storage = &args.storage.storage;
     let store = Store::open(storage, &args.storage.s3_options())
         .await
         .with_context(|| format!("opening the store {storage}"))?;
-    let batch_prefix = args
-        .key_prefix
-        .clone()
-        .unwrap_or_else(|| format!("datasets/{batch_id}/"));
+    let batch_prefix = planner.key_prefix().to_string();
     let previous = BatchRecord::read(&store, &batch_prefix)
         .await?
-        .filter(|r| r.batch_id == batch_id && r.total == jobs.len() as u64);
-    let published_before = previous.as_ref().map_or(0, |r| r.published) as usize;
+        .filter(|r| r.batch_id == batch_id && r.total == total);
+    let published_before = previous.as_ref().map_or(0, |r| r.published);
 
     // One listing decides: done → skipped; failed → published again (its failure record removed,
     // so a watcher does not count the old end); queued or running → left alone unless asked.
     let seen = if args.no_skip {
         HashMap::new()
     } else {
-        earlier(&store, jobs).await?
+        earlier(&store, &prepared.prefixes).await?
     };
-    let (mut done, mut pending, mut retried) = (0usize, 0usize, 0usize);
-    let mut todo: Vec<(usize, &PlannedJob)> = Vec::new();
-    for (i, j) in jobs.iter().enumerate() {
-        match seen.get(&j.job_id) {
-            Some(Seen::Done) => done += 1,
-            Some(Seen::Ended) => {
-                retried += 1;
-                if let Ok(id) = JobId::parse(&j.job_id) {
-                    store
-                        .delete(&ObjectKey::failure(key_prefix_of(j), &id))
-                        .await?;
-                }
-                todo.push((i, j));
-            }
-            Some(Seen::Running) if !args.republish_pending => pending += 1,
-            None if i < published_before && !args.republish_pending => pending += 1,
-            _ => todo.push((i, j)),
-        }
-    }
-    let mut record = previous.unwrap_or_else(|| {
-        BatchRecord::new(
-            batch_id,
-            &batch_prefix,
-            jobs.len() as u64,
-            lane.routing_key(),
-        )
-    });
+    let mut record = previous
+        .unwrap_or_else(|| BatchRecord::new(batch_id, &batch_prefix, total, lane.routing_key()));
     record.write(&store).await.context("writing batch.json")?;
 
     let conn = Connection::open(&args.broker.amqp_url, "t2i enqueue")
@@ -308,43 +322,71 @@ async fn publish_and_wait(
     let mut confirms = FuturesUnordered::new();
     let mut unroutable = 0usize;
     let window = args.confirm_window.max(1);
-    let mut collect = async |confirms: &mut FuturesUnordered<_>, keep: usize| -> Result<()> {
-        while confirms.len() > keep {
+    let (mut done, mut pending, mut retried, mut published) = (0usize, 0usize, 0usize, 0usize);
+    for (i, j) in planner.jobs().enumerate() {
+        match seen.get(&j.job_id) {
+            Some(Seen::Done) => {
+                done += 1;
+                continue;
+            }
+            Some(Seen::Ended) => {
+                retried += 1;
+                if let Ok(id) = JobId::parse(&j.job_id) {
+                    let key = ObjectKey::failure(key_prefix_of(&j), &id);
+                    store.delete(&key).await?;
+                }
+            }
+            Some(Seen::Running) if !args.republish_pending => {
+                pending += 1;
+                continue;
+            }
+            None if (i as u64) < published_before && !args.republish_pending => {
+                pending += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let body = json_text(&j.body);
+        let sent = publisher
+            .send_job(lane, &j.job_id, body.as_bytes(), None)
+            .await?;
+        confirms.push(sent.confirmed());
+        published += 1;
+        while confirms.len() >= window {
             if let Some(c) = confirms.next().await
                 && c? == Delivered::Unroutable
             {
                 unroutable += 1;
             }
         }
-        Ok(())
-    };
-    for (n, (i, j)) in todo.iter().enumerate() {
-        let body = json_text(&j.body);
-        let sent = publisher
-            .send_job(lane, &j.job_id, body.as_bytes(), None)
-            .await?;
-        confirms.push(sent.confirmed());
-        collect(&mut confirms, window - 1).await?;
-        if (n + 1) % CHECKPOINT_JOBS == 0 {
-            collect(&mut confirms, 0).await?;
-            record.published = record.published.max(*i as u64 + 1);
+        if published % CHECKPOINT_JOBS == 0 {
+            while let Some(c) = confirms.next().await {
+                if c? == Delivered::Unroutable {
+                    unroutable += 1;
+                }
+            }
+            record.published = record.published.max(i as u64 + 1);
             record.write(&store).await.context("writing batch.json")?;
         }
     }
-    collect(&mut confirms, 0).await?;
+    while let Some(c) = confirms.next().await {
+        if c? == Delivered::Unroutable {
+            unroutable += 1;
+        }
+    }
     let secs = started.elapsed().as_secs_f64();
     if unroutable > 0 {
         anyhow::bail!("{unroutable} job(s) were not routed to any queue");
     }
-    record.published = jobs.len() as u64;
+    record.published = total;
     record.write(&store).await.context("writing batch.json")?;
     conn.close("published").await;
     eprintln!(
         "batch {batch_id}: published {} job(s) to {} in {secs:.2}s ({:.0} jobs/s, confirmed); \
          {done} already done, {pending} queued or running (not republished), {retried} failed before (republished)",
-        todo.len(),
+        published,
         topology.queue(lane),
-        todo.len() as f64 / secs.max(1e-9),
+        published as f64 / secs.max(1e-9),
     );
     if !args.wait {
         return Ok(None);
@@ -353,13 +395,12 @@ async fn publish_and_wait(
         store: &store,
         key_prefix: &batch_prefix,
         batch_id,
-        total: jobs.len() as u64,
+        total,
     };
     let finished = watch::follow(&target, &args.broker.amqp_url, &topology, &args.watch).await?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "batch {batch_id}: {} job(s) ended in {secs:.1}s, {} failed",
-        jobs.len(),
+        "batch {batch_id}: {total} job(s) ended in {secs:.1}s, {} failed",
         finished.counts.failed
     );
     if args.dataset.wanted() {
