@@ -1,4 +1,4 @@
-//! Batches as objects of the store: `t2i batch status|watch|manifest <batch-id>` work on a batch
+//! Batches as objects of the store: `t2i batch status|watch|manifest|contact-sheet <batch-id>` work on a batch
 //! that exists, from the store (and, for `watch`, the events), publishing nothing.
 //!
 //! A batch is its key prefix (`datasets/<batch id>/` unless `--key-prefix` chose another): its
@@ -10,6 +10,7 @@
 //! short of `total`).
 
 pub mod manifest;
+pub mod sheet;
 pub mod watch;
 
 use std::time::{Duration, Instant};
@@ -179,6 +180,7 @@ pub async fn run(cmd: BatchCommand) -> Result<()> {
         BatchCommand::Status(a) => status(a).await,
         BatchCommand::Watch(a) => watch::run(a).await,
         BatchCommand::Manifest(a) => manifest::run(a).await,
+        BatchCommand::ContactSheet(a) => sheet::run(a).await,
     }
 }
 

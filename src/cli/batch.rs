@@ -15,6 +15,8 @@ pub enum BatchCommand {
     Watch(BatchWatchArgs),
     /// Build the data set (ImageFolder `metadata.jsonl`, downloads, WebDataset shards) from the store.
     Manifest(BatchManifestArgs),
+    /// A grid image of thumbnails and an HTML index with captions; an X/Y plot over template variables.
+    ContactSheet(BatchSheetArgs),
 }
 
 /// Which batch, and where it is.
@@ -75,6 +77,36 @@ pub struct BatchManifestArgs {
 
     #[command(flatten)]
     pub dataset: DatasetArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BatchSheetArgs {
+    #[command(flatten)]
+    pub target: BatchTarget,
+
+    /// Folder for `contact-sheet.png`, `index.html` and `thumbs/`.
+    #[arg(long)]
+    pub out: PathBuf,
+
+    /// Thumbnails at most (1..=1024).
+    #[arg(long, default_value_t = 64)]
+    pub max: usize,
+
+    /// Stored results read at most to fill the grid.
+    #[arg(long, default_value_t = 2048)]
+    pub scan: usize,
+
+    /// Thumbnail side in pixels.
+    #[arg(long, default_value_t = 160)]
+    pub thumb: u32,
+
+    /// Template variable across the columns [default: the first by name].
+    #[arg(long)]
+    pub x: Option<String>,
+
+    /// Template variable down the rows [default: the second by name].
+    #[arg(long)]
+    pub y: Option<String>,
 }
 
 /// The data set a batch becomes.

@@ -7,8 +7,8 @@ mod batch;
 mod commands;
 
 pub use batch::{
-    BatchCommand, BatchManifestArgs, BatchStatusArgs, BatchTarget, BatchWatchArgs, DatasetArgs,
-    WatchArgs,
+    BatchCommand, BatchManifestArgs, BatchSheetArgs, BatchStatusArgs, BatchTarget, BatchWatchArgs,
+    DatasetArgs, WatchArgs,
 };
 pub use commands::{
     BenchArgs, CancelArgs, EnqueueArgs, GatewayArgs, GenerateArgs, HealthcheckArgs, SchemasArgs,

@@ -270,6 +270,43 @@ print("python ok", len(ds), len(samples))
         stderr(&py)
     );
 
+    // Something to look at: an X/Y plot over the template's variables, bounded by --max.
+    let sheet_dir = dir.path().join("sheet");
+    let sheet = Command::new(env!("CARGO_BIN_EXE_t2i"))
+        .args([
+            "batch",
+            "contact-sheet",
+            &batch_id,
+            "--storage",
+            &world.storage(),
+        ])
+        .args([
+            "--max", "16", "--thumb", "32", "--x", "style", "--y", "animal",
+        ])
+        .arg("--out")
+        .arg(&sheet_dir)
+        .envs(world.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(sheet.status.success(), "{}", stderr(&sheet));
+    let png = image::open(sheet_dir.join("contact-sheet.png")).unwrap();
+    // 4 x 4 cells of 32 px with 4 px gaps.
+    assert_eq!((png.width(), png.height()), (148, 148));
+    let html = std::fs::read_to_string(sheet_dir.join("index.html")).unwrap();
+    for label in [
+        "animal ↓ / style →",
+        "<th>style3</th>",
+        "<th>animal3</th>",
+        "seed ",
+    ] {
+        assert!(html.contains(label), "{label} missing from index.html");
+    }
+    assert!(!html.contains("<th>style4</th>"), "bounded by --max");
+    assert_eq!(
+        std::fs::read_dir(sheet_dir.join("thumbs")).unwrap().count(),
+        16
+    );
+
     // WebDataset: 4 shards of up to 128 samples, two files each.
     let mut shard_entries: HashMap<String, usize> = HashMap::new();
     for n in 0..4 {
