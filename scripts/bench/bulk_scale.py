@@ -13,8 +13,9 @@ Each figure is one process, measured from outside (wall clock; peak RSS and CPU 
    workers' parser, published with confirms (no worker runs: the jobs stay queued, then the test
    queues are deleted). Targets: >= 20,000 jobs/s published, <= 300 MiB peak RSS.
 2. status: `t2i batch status` of a batch of --results stored results (default 100,000), which this
-   script PUTs into Garage directly (boto3, 64 threads: a `result.json` of the size a worker writes
-   per job, plus `batch.json`). Target: <= 30 s.
+   script PUTs into Garage directly (boto3, 64 threads): per job a `result.json` of the size a worker
+   writes, a `status.json` and a placeholder `0.png` (three keys per job, as a real batch lists),
+   plus `batch.json`. Target: <= 30 s.
 3. manifest: `t2i batch manifest --manifest` of that batch and of one a tenth its size: the peak RSS
    of both, to show memory does not grow with the batch.
 4. watch: `t2i batch watch` of a batch of --events jobs (default 100,000) with no stored results, fed
@@ -83,17 +84,24 @@ def batch_record(batch, key_prefix, total):
                        "lane": "bulk", "created_at": now, "updated_at": now}).encode()
 
 
-def seed_results(s3, bucket, store_prefix, batch, n):
-    """PUTs n result.json objects and batch.json; returns the seconds it took."""
+def seed_results(s3, bucket, store_prefix, batch, n, objects_per_job):
+    """PUTs n jobs' objects (result.json, then status.json and a placeholder 0.png as
+    objects_per_job asks) and batch.json; returns the seconds it took."""
     key_prefix = f"datasets/{batch}/"
     start = time.monotonic()
     s3.put_object(Bucket=bucket, Key=f"{store_prefix}{key_prefix}batch.json",
                   Body=batch_record(batch, key_prefix, n))
 
     def put(i):
-        key = f"{store_prefix}{key_prefix}{batch}-{i:07d}/result.json"
-        s3.put_object(Bucket=bucket, Key=key, Body=result_record(bucket, f"{store_prefix}{key_prefix}", batch, i, n),
+        job = f"{store_prefix}{key_prefix}{batch}-{i:07d}"
+        s3.put_object(Bucket=bucket, Key=f"{job}/result.json",
+                      Body=result_record(bucket, f"{store_prefix}{key_prefix}", batch, i, n),
                       ContentType="application/json")
+        # A real job's folder also holds its running record and its image: as many keys to list.
+        if objects_per_job >= 2:
+            s3.put_object(Bucket=bucket, Key=f"{job}/status.json", Body=b"{}")
+        if objects_per_job >= 3:
+            s3.put_object(Bucket=bucket, Key=f"{job}/0.png", Body=b"\x89PNG")
 
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         for _ in pool.map(put, range(n), chunksize=256):
@@ -149,6 +157,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=1_000_000, help="jobs to publish (a square number)")
     ap.add_argument("--results", type=int, default=100_000, help="stored results for status and manifest")
     ap.add_argument("--events", type=int, default=100_000, help="events for watch")
+    ap.add_argument("--objects-per-job", type=int, default=3, choices=[1, 2, 3],
+                    help="objects seeded per job: result.json, + status.json, + an image (as a real batch)")
     ap.add_argument("--keep", action="store_true", help="keep the objects and queues")
     args = ap.parse_args()
     import boto3
@@ -182,13 +192,16 @@ def main():
 
         # 2. Status of stored results, 3. manifests of two sizes.
         small = max(args.results // 10, 1)
-        secs = seed_results(s3, bucket, store_prefix, "scale-big", args.results)
-        print(f"seeded {args.results:,} results in {secs:.1f} s ({args.results / secs:,.0f} PUT/s)", file=sys.stderr)
-        secs = seed_results(s3, bucket, store_prefix, "scale-small", small)
+        per = args.objects_per_job
+        secs = seed_results(s3, bucket, store_prefix, "scale-big", args.results, per)
+        print(f"seeded {args.results:,} jobs x {per} objects in {secs:.1f} s "
+              f"({args.results * per / secs:,.0f} PUT/s)", file=sys.stderr)
+        seed_results(s3, bucket, store_prefix, "scale-small", small, per)
         wall, rss, cpu, out, _ = measured([args.t2i, "batch", "status", "scale-big", "--json", "--storage", storage], env)
         counts = json.loads(out)["counts"]
         assert counts["done"] == args.results, counts
-        rows.append((f"status of {args.results:,} stored results", f"{wall:.1f} s, {rss:,.0f} MiB (CPU {cpu:.1f} s)",
+        rows.append((f"status of {args.results:,} stored results ({args.results * per:,} objects)",
+                     f"{wall:.1f} s, {rss:,.0f} MiB (CPU {cpu:.1f} s)",
                      "<= 30 s", wall <= 30))
         with tempfile.TemporaryDirectory() as d:
             figures = {}
