@@ -269,7 +269,7 @@ pub struct EnqueueArgs {
     #[command(flatten)]
     pub storage: StorageArgs,
 
-    /// Publish every item even if its result is already stored.
+    /// Publish every item, whatever an earlier run published or stored.
     #[arg(long)]
     pub no_skip: bool,
 

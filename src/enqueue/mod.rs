@@ -298,7 +298,11 @@ async fn publish_and_wait(args: &EnqueueArgs, prepared: &Prepared) -> Result<Opt
     let previous = BatchRecord::read(&store, &batch_prefix)
         .await?
         .filter(|r| r.batch_id == batch_id && r.total == total);
-    let published_before = previous.as_ref().map_or(0, |r| r.published);
+    // `--no-skip` publishes everything, whatever an earlier run did.
+    let published_before = match &previous {
+        Some(r) if !args.no_skip => r.published,
+        _ => 0,
+    };
 
     // One listing decides: done → skipped; failed → published again (its failure record removed,
     // so a watcher does not count the old end); queued or running → left alone unless asked.
