@@ -7,7 +7,8 @@ mod commands;
 
 pub use commands::{
     BenchArgs, CancelArgs, EnqueueArgs, GatewayArgs, GenerateArgs, HealthcheckArgs, SchemasArgs,
-    WebhooksArgs, WorkerArgs,
+    WebhookStateArgs, WebhooksAction, WebhooksArgs, WebhooksEnableArgs, WebhooksReplayArgs,
+    WebhooksUrlSecretArgs, WorkerArgs,
 };
 
 use clap::{Args, Parser, Subcommand};
