@@ -7,6 +7,7 @@
 //! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness).
 //! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
 //! * `webhooks`: `t2i webhooks` (signatures, retries, SSRF guard) and `t2i gateway`.
+//! * `receivers`: webhook receivers with their own secrets, rotation, 410 → disabled, replay.
 //! * `deploy`: the RabbitMQ definitions in `infra/` against the topology the worker declares.
 
 mod batching;
@@ -15,6 +16,7 @@ mod cli;
 mod clients;
 mod deploy;
 mod parity;
+mod receivers;
 mod support;
 mod webhooks;
 mod worker;
