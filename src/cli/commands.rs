@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, Subcommand};
 
 use super::{
     BrokerArgs, DatasetArgs, GenerationArgs, LimitArgs, ModelArgs, StorageArgs, WatchArgs,
@@ -265,6 +265,9 @@ pub struct EnqueueArgs {
     /// Webhook URL for every job's events (the relay signs and delivers them).
     #[arg(long)]
     pub webhook: Option<String>,
+    /// Webhook receiver id (from the relay's receivers file) for every job's events.
+    #[arg(long)]
+    pub webhook_receiver: Option<String>,
 
     #[command(flatten)]
     pub storage: StorageArgs,
@@ -303,14 +306,43 @@ pub struct EnqueueArgs {
 
 #[derive(Debug, Args)]
 pub struct WebhooksArgs {
+    /// An operator command instead of the relay.
+    #[command(subcommand)]
+    pub action: Option<WebhooksAction>,
+
     #[command(flatten)]
     pub broker: BrokerArgs,
 
-    /// Signing secret, `whsec_<base64>` (Standard Webhooks).
-    #[arg(long, env = "T2I_WEBHOOK_SECRET", hide_env_values = true)]
-    pub secret: String,
+    /// Receivers file (TOML): each `[[receiver]]` has an `id`, a `url`, its own `secrets`
+    /// (`whsec_...`, and/or `secrets_env` naming a variable that holds them), optional `events`
+    /// and `all_jobs`. Jobs name a receiver by id (`webhook.receiver`) or by a URL it owns.
+    #[arg(long, env = "T2I_WEBHOOK_RECEIVERS")]
+    pub receivers: Option<std::path::PathBuf>,
 
-    /// A receiver for every job's events, in addition to each job's own webhook (repeatable).
+    /// Key(s) for ad-hoc receivers, `whsec_<base64>`, space- or comma-separated: a job URL that no
+    /// configured receiver owns (and every --endpoint) is signed with a secret derived from it
+    /// and the URL, which `t2i webhooks url-secret URL` prints for the URL's owner. Without it
+    /// such URLs are dead-lettered. Several keys: several signatures (rotation).
+    #[arg(long, env = "T2I_WEBHOOK_URL_KEY", hide_env_values = true)]
+    pub url_key: Option<String>,
+
+    /// Removed: one secret for every receiver let any receiver forge events for the others. Use
+    /// --receivers and --url-key (see the README); setting it is an error, not silently ignored.
+    #[arg(long, env = "T2I_WEBHOOK_SECRET", hide = true, hide_env_values = true)]
+    pub secret: Option<String>,
+
+    #[command(flatten)]
+    pub state: WebhookStateArgs,
+
+    /// How long a relay trusts what it read of a receiver's disabled state, in seconds: how long
+    /// a 410 seen by another replica, or an `enable`, takes to apply here (one store read per
+    /// receiver per interval).
+    #[arg(long, env = "T2I_WEBHOOK_STATE_REFRESH_S", default_value_t = 5.0)]
+    pub state_refresh_s: f64,
+
+    /// An ad-hoc receiver for every job's events, in addition to each job's own webhook
+    /// (repeatable; signed with its per-URL secret, so it needs --url-key). A receiver in the
+    /// receivers file with `all_jobs = true` does the same with secrets of its own.
     #[arg(
         long = "endpoint",
         env = "T2I_WEBHOOK_ENDPOINTS",
@@ -373,6 +405,67 @@ pub struct WebhooksArgs {
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, env = "T2I_HTTP_ADDR")]
     pub http_addr: Option<std::net::SocketAddr>,
+}
+
+/// Where the relay keeps which receivers a 410 disabled (shared by every replica and by
+/// `t2i webhooks enable`).
+#[derive(Debug, Clone, Args)]
+pub struct WebhookStateArgs {
+    /// `s3://bucket/prefix`, `file:///path` or a folder; replicas must share it, so use the
+    /// deployment's bucket (another prefix than the images').
+    #[arg(
+        long = "state",
+        env = "T2I_WEBHOOK_STATE",
+        default_value = "./webhook-state"
+    )]
+    pub state: String,
+
+    /// S3 path-style addressing [default: on when AWS_ENDPOINT_URL is set].
+    #[arg(long, env = "T2I_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: Option<bool>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksAction {
+    /// Re-enable a receiver that answered 410 Gone (its later events were dead-lettered: replay them).
+    Enable(WebhooksEnableArgs),
+    /// Move dead-lettered deliveries back to the relay's queue, each for the one target it failed.
+    Replay(WebhooksReplayArgs),
+    /// Print the secret an ad-hoc receiver verifies with (one line per --url-key).
+    UrlSecret(WebhooksUrlSecretArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WebhooksEnableArgs {
+    /// The receiver id, or the URL of an ad-hoc receiver.
+    pub receiver: String,
+
+    #[command(flatten)]
+    pub state: WebhookStateArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WebhooksReplayArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    /// Only deliveries for this receiver id or target URL (the others stay dead-lettered).
+    #[arg(long)]
+    pub receiver: Option<String>,
+
+    /// Replay at most this many [default: all].
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct WebhooksUrlSecretArgs {
+    /// The receiver URL, exactly as jobs name it (compared after URL normalisation).
+    pub url: String,
+
+    /// The relay's --url-key.
+    #[arg(long, env = "T2I_WEBHOOK_URL_KEY", hide_env_values = true)]
+    pub url_key: String,
 }
 
 #[derive(Debug, Args)]

@@ -12,7 +12,8 @@ pub use batch::{
 };
 pub use commands::{
     BenchArgs, CancelArgs, EnqueueArgs, GatewayArgs, GenerateArgs, HealthcheckArgs, SchemasArgs,
-    WebhooksArgs, WorkerArgs,
+    WebhookStateArgs, WebhooksAction, WebhooksArgs, WebhooksEnableArgs, WebhooksReplayArgs,
+    WebhooksUrlSecretArgs, WorkerArgs,
 };
 
 use clap::{Args, Parser, Subcommand};

@@ -157,11 +157,16 @@ pub fn prepare(args: &EnqueueArgs) -> Result<Prepared> {
             .as_deref()
             .map(|f| serde_json::json!({ "format": f })),
     );
+    let mut webhook = serde_json::Map::new();
+    if let Some(u) = &args.webhook {
+        webhook.insert("url".into(), u.as_str().into());
+    }
+    if let Some(r) = &args.webhook_receiver {
+        webhook.insert("receiver".into(), r.as_str().into());
+    }
     set(
         "webhook",
-        args.webhook
-            .as_deref()
-            .map(|u| serde_json::json!({ "url": u })),
+        (!webhook.is_empty()).then_some(Value::Object(webhook)),
     );
     let plan = Plan {
         defaults,

@@ -97,11 +97,25 @@ pub struct OutputRequest {
     pub presign_ttl_s: Option<u64>,
 }
 
+/// Where the relay (`t2i webhooks`) delivers the job's events: a receiver configured in the relay
+/// by id, and/or a URL. A URL under a configured receiver's URL is signed with that receiver's
+/// secrets; any other URL with its own per-URL secret (or not delivered when the relay has no
+/// URL key). The job never carries a secret.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("anyOf" = [{"required": ["url"]}, {"required": ["receiver"]}]))]
 pub struct WebhookRequest {
+    /// http(s); with `receiver`, a URL under that receiver's (e.g. a per-job path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), extend("format" = "uri"))]
-    pub url: String,
+    pub url: Option<String>,
+    /// The id of a receiver configured in the relay (its URL and secrets live there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 64),
+        regex(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+    )]
+    pub receiver: Option<String>,
     /// Event types to deliver (default: the terminal ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<String>>,
@@ -270,13 +284,28 @@ impl Job {
             ));
         }
         if let Some(w) = &req.webhook {
-            let scheme_ok = w.url.starts_with("https://") || w.url.starts_with("http://");
-            if !scheme_ok || w.url.len() > 2048 {
-                return Err(Rejection::new(
-                    "webhook.url",
-                    format!("{:?}", truncate(&w.url, 80)),
-                    "must be an http(s) URL of at most 2048 characters",
-                ));
+            if let Some(url) = &w.url {
+                let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
+                if !scheme_ok || url.len() > 2048 {
+                    return Err(Rejection::new(
+                        "webhook.url",
+                        format!("{:?}", truncate(url, 80)),
+                        "must be an http(s) URL of at most 2048 characters",
+                    ));
+                }
+            }
+            match &w.receiver {
+                Some(r) if !crate::webhooks::receivers::is_receiver_id(r) => {
+                    return Err(Rejection::new(
+                        "webhook.receiver",
+                        format!("{:?}", truncate(r, 80)),
+                        "must be 1 to 64 characters of [A-Za-z0-9._-], not starting with '.'",
+                    ));
+                }
+                None if w.url.is_none() => {
+                    return Err(Rejection::new("webhook", "{}", "needs a url or a receiver"));
+                }
+                _ => {}
             }
             if let Some(bad) = w
                 .events
@@ -492,6 +521,35 @@ mod tests {
         );
         let big = format!(r#"{{"job_id": "a", "prompt": "{}"}}"#, "x".repeat(70_000));
         assert_eq!(parse(&big).unwrap_err().rejection.field, "body");
+    }
+
+    #[test]
+    fn a_webhook_names_a_receiver_a_url_or_both_never_neither() {
+        for ok in [
+            r#"{"receiver": "acme"}"#,
+            r#"{"receiver": "acme", "url": "https://hooks.acme.example/t2i/7"}"#,
+            r#"{"url": "https://hooks.example/t2i"}"#,
+        ] {
+            let body = format!(r#"{{"job_id": "a", "prompt": "x", "webhook": {ok}}}"#);
+            assert!(parse(&body).is_ok(), "{ok}");
+        }
+        for (bad, field) in [
+            (r#"{}"#, "webhook"),
+            (r#"{"events": ["job.failed"]}"#, "webhook"),
+            (r#"{"receiver": "../etc"}"#, "webhook.receiver"),
+            (r#"{"receiver": ""}"#, "webhook.receiver"),
+            (
+                r#"{"receiver": "a", "secret": "whsec_x"}"#,
+                "webhook.secret",
+            ),
+        ] {
+            let body = format!(r#"{{"job_id": "a", "prompt": "x", "webhook": {bad}}}"#);
+            let e = parse(&body).unwrap_err().rejection;
+            assert!(
+                e.field == field || e.reason.contains("secret"),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use lapin::types::FieldTable;
 use lapin::{ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 
-use super::{Consumer, Lane, Publisher, QueueError, Topology};
+use super::{Consumer, Lane, Publisher, QueueError, QueueReader, Topology};
 use crate::events::EventKind;
 
 /// Longest wait for a connection to close: a broker that is gone must not hold a shutdown.
@@ -117,6 +117,11 @@ impl Connection {
             )
             .await?;
         Ok(Consumer::new(ch, tag.to_string(), inner))
+    }
+
+    /// Reads `queue` one message at a time, on a channel of its own.
+    pub async fn reader(&self, queue: &str) -> Result<QueueReader, QueueError> {
+        Ok(QueueReader::new(self.channel().await?, queue.to_string()))
     }
 
     /// Consumes one job lane; the consumer tag names the worker and the lane.

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use time::OffsetDateTime;
 
@@ -71,6 +71,41 @@ impl Consumer {
                 .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default()),
         )
         .await;
+    }
+}
+
+/// Takes messages from a queue one at a time (`basic.get`), for operator tools that move a queue's
+/// messages elsewhere (`t2i webhooks replay`): no prefetch, nothing delivered that was not asked for.
+pub struct QueueReader {
+    channel: lapin::Channel,
+    queue: String,
+}
+
+impl QueueReader {
+    pub(super) fn new(channel: lapin::Channel, queue: String) -> Self {
+        Self { channel, queue }
+    }
+
+    /// The next message (to be acked once it has been dealt with), with the number of messages
+    /// left behind it; `None` when the queue is empty.
+    pub async fn get(&self) -> Result<Option<(Delivery, u32)>, QueueError> {
+        let got = self
+            .channel
+            .basic_get(
+                self.queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?;
+        Ok(got.map(|m| {
+            let left = m.message_count;
+            (
+                Delivery {
+                    inner: m.delivery,
+                    no_ack: false,
+                },
+                left,
+            )
+        }))
     }
 }
 

@@ -13,7 +13,7 @@ pub mod publisher;
 pub mod topology;
 
 pub use connection::{Connection, Reconnect, backoff};
-pub use consumer::{Consumer, Delivery, ReplyTo, SETTLE_TIMEOUT};
+pub use consumer::{Consumer, Delivery, QueueReader, ReplyTo, SETTLE_TIMEOUT};
 pub use publisher::{Delivered, PendingConfirm, Publisher, QueueError};
 pub use topology::{Lane, Topology, UnknownLane};
 

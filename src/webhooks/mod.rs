@@ -2,19 +2,29 @@
 //!
 //! ```text
 //! t2i.events ──job.started|succeeded|failed|expired|canceled──▶ {p}.webhooks (quorum, durable)
-//!   relay: POST to the job's webhook.url (if its events filter matches) and every --endpoint
+//!   relay: POST to the job's webhook (receiver id or URL, if the filters take the event), every
+//!          all_jobs receiver and every --endpoint, each signed with its own receiver's secrets
 //!   failure (5xx, 429, timeout, connection) ─▶ {p}.webhooks.retry.{n} (per-message TTL, jittered;
-//!     dead-letters back to {p}.webhooks with the one target in a header) ─▶ ... ─▶ {p}.webhooks.dead
-//!   410 Gone: stop for that target; other 4xx or an SSRF refusal: straight to {p}.webhooks.dead
+//!     dead-letters back to {p}.webhooks with the one target in headers) ─▶ ... ─▶ {p}.webhooks.dead
+//!   410 Gone: the receiver is disabled in the state store (shared, durable) and the event
+//!     dead-lettered; later events for it are dead-lettered unsent until `t2i webhooks enable`
+//!   other 4xx, an SSRF refusal, no receiver to sign with: straight to {p}.webhooks.dead
+//! `t2i webhooks replay` moves dead letters back to {p}.webhooks, each for its one target.
 //! ```
 //! Each POST is a structured-mode CloudEvent (`content-type: application/cloudevents+json`, the
 //! event as published, byte for byte). The workers publish and move on; a slow or dead receiver only
-//! ever delays this queue. Signing
-//! secrets come from the relay's configuration, never from messages. Every delivery of one event
-//! carries the same `webhook-id` (the CloudEvent id), so receivers can deduplicate.
+//! ever delays this queue. Who receives what, and with which secrets, is `receivers`; secrets come
+//! from the relay's configuration, never from messages. Every delivery of one event carries the
+//! same `webhook-id` (the CloudEvent id), so receivers can deduplicate.
+//!
+//! Why disabled receivers' events are dead-lettered rather than skipped: nothing is lost while a
+//! receiver is away, the dead queue's depth is the alert, and `enable` + `replay` catch it up.
 
+mod admin;
 pub mod guard;
+pub mod receivers;
 pub mod sign;
+pub mod state;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,14 +33,20 @@ use anyhow::{Context, Result};
 use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{UsageError, WebhooksArgs};
+use crate::cli::{UsageError, WebhooksAction, WebhooksArgs};
 use crate::events::{CloudEvent, EventKind};
 use crate::health::Health;
 use crate::queue::{Connection, Delivery, Publisher, QueueError, Reconnect, Topology};
 use guard::{Guard, WebhookClient};
-use sign::Secret;
+use receivers::{Receivers, Target};
+use sign::Secrets;
+use state::StateStore;
 
+/// The URL a retry or dead-letter copy is for.
 const TARGET_HEADER: &str = "x-t2i-webhook-target";
+/// The configured receiver it is for (absent for ad-hoc URLs).
+const RECEIVER_HEADER: &str = "x-t2i-webhook-receiver";
+/// The attempt that failed; a replayed copy carries 0, so it gets the whole retry schedule again.
 const ATTEMPT_HEADER: &str = "x-t2i-webhook-attempt";
 const REASON_HEADER: &str = "x-t2i-webhook-error";
 /// The media type of a structured-mode CloudEvent in JSON (CloudEvents HTTP binding §3.2).
@@ -40,8 +56,18 @@ const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 struct Counters(IntCounterVec);
 
 impl Counters {
-    const OUTCOMES: [&'static str; 5] =
-        ["delivered", "retried", "dead_lettered", "refused", "gone"];
+    /// `refused`: the SSRF guard; `gone`: a 410 (the receiver is disabled); `disabled`: not sent,
+    /// its receiver is disabled; `unrouted`: no receiver to sign with. All but `delivered` and
+    /// `retried` also count as `dead_lettered`.
+    const OUTCOMES: [&'static str; 7] = [
+        "delivered",
+        "retried",
+        "dead_lettered",
+        "refused",
+        "gone",
+        "disabled",
+        "unrouted",
+    ];
 
     fn new(health: &Health) -> Self {
         let c = IntCounterVec::new(
@@ -83,7 +109,8 @@ enum Attempt {
 struct Relay {
     topology: Topology,
     health: Arc<Health>,
-    secret: Secret,
+    receivers: Receivers,
+    state: StateStore,
     guard: Arc<Guard>,
     client: WebhookClient,
     endpoints: Vec<reqwest::Url>,
@@ -93,35 +120,7 @@ struct Relay {
 }
 
 impl Relay {
-    /// Receivers of `event` (the job's webhook when its filter matches, then the static endpoints).
-    fn targets(&self, event: &CloudEvent) -> Vec<String> {
-        let Some(kind) = EventKind::parse(&event.kind) else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        if let Some(hook) = event
-            .data
-            .params
-            .as_ref()
-            .and_then(|p| p.get("webhook"))
-            .filter(|w| !w.is_null())
-        {
-            let wants = match hook.get("events").and_then(|e| e.as_array()) {
-                Some(list) => list.iter().any(|e| e.as_str() == Some(kind.routing_key())),
-                None => EventKind::TERMINAL.contains(&kind),
-            };
-            if let (true, Some(url)) = (wants, hook.get("url").and_then(|u| u.as_str())) {
-                out.push(url.to_string());
-            }
-        }
-        if self.endpoint_events.contains(&kind) {
-            out.extend(self.endpoints.iter().map(|u| u.to_string()));
-        }
-        out.dedup();
-        out
-    }
-
-    async fn post(&self, target: &str, event_id: &str, body: &[u8]) -> Attempt {
+    async fn post(&self, target: &str, secrets: &Secrets, event_id: &str, body: &[u8]) -> Attempt {
         let url = match reqwest::Url::parse(target) {
             Ok(u) => u,
             Err(e) => return Attempt::Permanent(format!("bad URL {target}: {e}")),
@@ -141,7 +140,7 @@ impl Relay {
             )
             .header("webhook-id", event_id)
             .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", self.secret.sign(event_id, ts, body))
+            .header("webhook-signature", secrets.sign(event_id, ts, body))
             .body(body.to_vec())
             .send()
             .await;
@@ -202,64 +201,148 @@ impl Relay {
             return Ok(());
         };
         let (targets, attempt) = match d.header_text(TARGET_HEADER) {
-            Some(t) => {
-                // Integers from older relays, text from this one.
+            Some(url) => {
+                // Integers from older relays, text from this one; 0 from `replay`.
                 let before = d
                     .header_int(ATTEMPT_HEADER)
                     .or_else(|| d.header_text(ATTEMPT_HEADER)?.parse().ok())
                     .unwrap_or(1)
-                    .max(1) as u32;
-                (vec![t], before + 1)
+                    .clamp(0, i64::from(u32::MAX - 1)) as u32;
+                let receiver = d.header_text(RECEIVER_HEADER).filter(|r| !r.is_empty());
+                (vec![Target { url, receiver }], before + 1)
             }
-            None => (self.targets(&event), 1),
+            None => (
+                self.receivers
+                    .targets(&event, &self.endpoints, &self.endpoint_events),
+                1,
+            ),
         };
-        for target in targets {
-            let outcome = self.post(&target, &event.id, d.body()).await;
-            tracing::info!(event = %event.id, job = %event.subject, %target, attempt, ?outcome, "webhook");
-            match outcome {
-                Attempt::Delivered => self.counters.inc("delivered"),
-                Attempt::Gone => self.counters.inc("gone"),
-                Attempt::Retry { reason, after } => match self.next_level(attempt, after) {
-                    Some(level) => {
-                        self.counters.inc("retried");
-                        // Full jitter in the top quarter of the level's delay, so receivers that
-                        // come back are not hit by every retry at once.
-                        let base = self.delays[level].as_secs_f64();
-                        let wait =
-                            Duration::from_secs_f64(base * (0.75 + 0.25 * rand::random::<f64>()));
-                        let headers = copy_headers(&target, attempt, &reason);
-                        let queue = self.topology.webhooks_retry_queue(level);
-                        publisher
-                            .to_queue(&queue, d.body(), &headers, Some(wait))
-                            .await?;
-                    }
-                    None => {
-                        self.dead_letter(publisher, d, &target, attempt, &reason)
-                            .await?
-                    }
-                },
-                Attempt::Permanent(reason) => {
-                    if reason.contains("refused ") {
-                        self.counters.inc("refused");
-                    }
-                    self.dead_letter(publisher, d, &target, attempt, &reason)
-                        .await?
-                }
-            }
+        for target in &targets {
+            self.deliver(publisher, d, &event, target, attempt).await?;
         }
         Ok(())
+    }
+
+    /// One attempt at one target: sign, POST, and settle what it came to (retry copy, dead
+    /// letter, or a disabled receiver).
+    async fn deliver(
+        &self,
+        publisher: &Publisher,
+        d: &Delivery,
+        event: &CloudEvent,
+        target: &Target,
+        attempt: u32,
+    ) -> Result<(), QueueError> {
+        let signer = match self.receivers.signer(target) {
+            Ok(s) => s,
+            Err(why) => {
+                self.counters.inc("unrouted");
+                return self.dead_letter(publisher, d, target, attempt, &why).await;
+            }
+        };
+        // Copies name the receiver that signed, so `replay --receiver` finds a job URL it owns.
+        let named;
+        let target = if signer.configured && target.receiver.is_none() {
+            named = Target {
+                url: target.url.clone(),
+                receiver: Some(signer.name.clone()),
+            };
+            &named
+        } else {
+            target
+        };
+        if let Some(off) = self.state.disabled(&signer.name).await {
+            self.counters.inc("disabled");
+            let why = format!(
+                "receiver {} disabled since {} ({}): `t2i webhooks enable`, then `t2i webhooks replay`",
+                signer.name, off.at, off.reason
+            );
+            return self.dead_letter(publisher, d, target, attempt, &why).await;
+        }
+        let outcome = self
+            .post(&target.url, &signer.secrets, &event.id, d.body())
+            .await;
+        tracing::info!(event = %event.id, job = %event.subject, target = %target.url,
+            receiver = %signer.name, attempt, ?outcome, "webhook");
+        match outcome {
+            Attempt::Delivered => {
+                self.counters.inc("delivered");
+                Ok(())
+            }
+            Attempt::Gone => {
+                let reason = format!("HTTP 410 Gone from {} (event {})", target.url, event.id);
+                match self.state.set(&signer.name, true, &reason).await {
+                    Ok(()) => {
+                        self.counters.inc("gone");
+                        tracing::warn!(receiver = %signer.name, "410 Gone: receiver disabled until `t2i webhooks enable`");
+                        self.dead_letter(
+                            publisher,
+                            d,
+                            target,
+                            attempt,
+                            "HTTP 410 Gone: receiver disabled",
+                        )
+                        .await
+                    }
+                    // Not recorded: try again later (the receiver will say 410 again).
+                    Err(e) => {
+                        let reason = format!("HTTP 410 Gone, not recorded: {e}");
+                        self.retry(publisher, d, target, attempt, &reason, None)
+                            .await
+                    }
+                }
+            }
+            Attempt::Retry { reason, after } => {
+                self.retry(publisher, d, target, attempt, &reason, after)
+                    .await
+            }
+            Attempt::Permanent(reason) => {
+                if reason.contains("refused ") {
+                    self.counters.inc("refused");
+                }
+                self.dead_letter(publisher, d, target, attempt, &reason)
+                    .await
+            }
+        }
+    }
+
+    /// A delayed copy for the next attempt, or the dead letters after the last one.
+    async fn retry(
+        &self,
+        publisher: &Publisher,
+        d: &Delivery,
+        target: &Target,
+        attempt: u32,
+        reason: &str,
+        after: Option<Duration>,
+    ) -> Result<(), QueueError> {
+        let Some(level) = self.next_level(attempt, after) else {
+            return self
+                .dead_letter(publisher, d, target, attempt, reason)
+                .await;
+        };
+        self.counters.inc("retried");
+        // Full jitter in the top quarter of the level's delay, so receivers that come back are
+        // not hit by every retry at once.
+        let base = self.delays[level].as_secs_f64();
+        let wait = Duration::from_secs_f64(base * (0.75 + 0.25 * rand::random::<f64>()));
+        let headers = copy_headers(target, attempt, reason);
+        let queue = self.topology.webhooks_retry_queue(level);
+        publisher
+            .to_queue(&queue, d.body(), &headers, Some(wait))
+            .await
     }
 
     async fn dead_letter(
         &self,
         publisher: &Publisher,
         d: &Delivery,
-        target: &str,
+        target: &Target,
         attempt: u32,
         reason: &str,
     ) -> Result<(), QueueError> {
         self.counters.inc("dead_lettered");
-        tracing::warn!(%target, attempt, reason, "webhook dead-lettered");
+        tracing::warn!(target = %target.url, receiver = ?target.receiver, attempt, reason, "webhook dead-lettered");
         let headers = copy_headers(target, attempt, reason);
         let queue = self.topology.webhooks_dead_queue();
         publisher.to_queue(&queue, d.body(), &headers, None).await
@@ -268,12 +351,16 @@ impl Relay {
 
 /// The headers of a retry or dead-letter copy: the one target it is for, the attempt it failed
 /// and why.
-fn copy_headers(target: &str, attempt: u32, reason: &str) -> [(&'static str, String); 3] {
-    [
-        (TARGET_HEADER, target.to_string()),
+fn copy_headers(target: &Target, attempt: u32, reason: &str) -> Vec<(&'static str, String)> {
+    let mut h = vec![
+        (TARGET_HEADER, target.url.clone()),
         (ATTEMPT_HEADER, attempt.to_string()),
         (REASON_HEADER, reason.to_string()),
-    ]
+    ];
+    if let Some(r) = &target.receiver {
+        h.push((RECEIVER_HEADER, r.clone()));
+    }
+    h
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -302,70 +389,120 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     Some(Duration::from_secs(secs.max(0) as u64))
 }
 
-pub async fn run(args: WebhooksArgs, shutdown: CancellationToken) -> Result<()> {
-    let usage = |m: String| anyhow::Error::from(UsageError(m));
-    let secret = Secret::parse(&args.secret).map_err(usage)?;
-    let guard = Arc::new(
-        Guard::new(
-            args.allow_http,
-            args.allow_private_networks,
-            &args.allow_hosts,
-        )
-        .map_err(usage)?,
-    );
-    let mut endpoints = Vec::new();
-    for e in args.endpoints.iter().filter(|e| !e.is_empty()) {
-        let url = reqwest::Url::parse(e).map_err(|err| usage(format!("--endpoint {e}: {err}")))?;
-        guard
-            .check_url(&url)
-            .map_err(|why| usage(format!("--endpoint: {why}")))?;
-        endpoints.push(url);
-    }
-    let mut endpoint_events = Vec::new();
-    for name in &args.endpoint_events {
-        match EventKind::parse(name).filter(|k| EventKind::RELAYED.contains(k)) {
-            Some(kind) if kind.routing_key() == name => endpoint_events.push(kind),
-            _ => {
-                let relayed: Vec<&str> =
-                    EventKind::RELAYED.iter().map(|k| k.routing_key()).collect();
-                return Err(usage(format!(
-                    "--endpoint-events: `{name}` is not one of {}",
-                    relayed.join(", ")
-                )));
-            }
+impl Relay {
+    /// Flags → a relay: every receiver, URL, event name and delay checked before connecting.
+    async fn from_args(args: &WebhooksArgs) -> Result<Self> {
+        let usage = |m: String| anyhow::Error::from(UsageError(m));
+        if args.secret.is_some() {
+            return Err(usage(
+                "T2I_WEBHOOK_SECRET / --secret is gone: one secret for every receiver let any \
+                 receiver forge events for the others. Configure --receivers (each with its own \
+                 secrets) and/or --url-key (per-URL secrets; see the README)"
+                    .into(),
+            ));
         }
-    }
-    if args
-        .webhook_retry_delays
-        .iter()
-        .any(|d| !d.is_finite() || *d < 0.0)
-    {
-        return Err(usage(
-            "--webhook-retry-delays must be non-negative seconds".into(),
-        ));
-    }
-    let egress_proxy = guard::egress_proxy(args.egress_proxy.as_deref()).map_err(usage)?;
-    let client = WebhookClient::new(
-        guard.clone(),
-        Duration::from_secs(args.timeout_s.max(1)),
-        egress_proxy,
-    )?;
-    let health = Health::new();
-    let relay = Arc::new(Relay {
-        topology: crate::config::topology(&args.broker)?,
-        counters: Counters::new(&health),
-        health,
-        secret,
-        guard,
-        client,
-        endpoints,
-        endpoint_events,
-        delays: args
+        let guard = Arc::new(
+            Guard::new(
+                args.allow_http,
+                args.allow_private_networks,
+                &args.allow_hosts,
+            )
+            .map_err(usage)?,
+        );
+        let url_keys = match &args.url_key {
+            Some(k) => Secrets::parse_list(k).map_err(|e| usage(format!("--url-key: {e}")))?,
+            None => Vec::new(),
+        };
+        let receivers = match &args.receivers {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Receivers::parse(&text, |var| std::env::var(var).ok())
+                    .map_err(|e| usage(format!("--receivers {}: {e}", path.display())))?
+            }
+            None => Receivers::default(),
+        };
+        for r in receivers.iter() {
+            guard
+                .check_url(&r.url)
+                .map_err(|why| usage(format!("receiver {}: {why}", r.id)))?;
+        }
+        let mut endpoints = Vec::new();
+        for e in args.endpoints.iter().filter(|e| !e.is_empty()) {
+            let url =
+                reqwest::Url::parse(e).map_err(|err| usage(format!("--endpoint {e}: {err}")))?;
+            guard
+                .check_url(&url)
+                .map_err(|why| usage(format!("--endpoint: {why}")))?;
+            endpoints.push(url);
+        }
+        if !endpoints.is_empty() && url_keys.is_empty() {
+            return Err(usage(
+                "--endpoint URLs are signed with their per-URL secret: set --url-key (or make \
+                 them all_jobs receivers with their own secrets)"
+                    .into(),
+            ));
+        }
+        let endpoint_events = args
+            .endpoint_events
+            .iter()
+            .map(|n| receivers::parse_relayed(n))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| usage(format!("--endpoint-events: {e}")))?;
+        if args
             .webhook_retry_delays
             .iter()
-            .map(|&s| Duration::from_secs_f64(s))
-            .collect(),
-    });
+            .any(|d| !d.is_finite() || *d < 0.0)
+        {
+            return Err(usage(
+                "--webhook-retry-delays must be non-negative seconds".into(),
+            ));
+        }
+        if !args.state_refresh_s.is_finite() || args.state_refresh_s < 0.0 {
+            return Err(usage(
+                "--state-refresh-s must be non-negative seconds".into(),
+            ));
+        }
+        let state = StateStore::new(
+            admin::open_state(&args.state).await?,
+            Duration::from_secs_f64(args.state_refresh_s),
+        );
+        tracing::info!(receivers = receivers.iter().count(), ad_hoc_urls = !url_keys.is_empty(),
+            state = %state.describe(), "webhook receivers");
+        let egress_proxy = guard::egress_proxy(args.egress_proxy.as_deref()).map_err(usage)?;
+        let client = WebhookClient::new(
+            guard.clone(),
+            Duration::from_secs(args.timeout_s.max(1)),
+            egress_proxy,
+        )?;
+        let health = Health::new();
+        Ok(Self {
+            topology: crate::config::topology(&args.broker)?,
+            counters: Counters::new(&health),
+            health,
+            receivers: receivers.with_url_keys(url_keys),
+            state,
+            guard,
+            client,
+            endpoints,
+            endpoint_events,
+            delays: args
+                .webhook_retry_delays
+                .iter()
+                .map(|&s| Duration::from_secs_f64(s))
+                .collect(),
+        })
+    }
+}
+
+pub async fn run(mut args: WebhooksArgs, shutdown: CancellationToken) -> Result<()> {
+    match args.action.take() {
+        Some(WebhooksAction::Enable(a)) => return admin::enable(a).await,
+        Some(WebhooksAction::Replay(a)) => return admin::replay(a).await,
+        Some(WebhooksAction::UrlSecret(a)) => return admin::url_secret(a),
+        None => {}
+    }
+    let relay = Arc::new(Relay::from_args(&args).await?);
     if let Some(addr) = args.http_addr {
         crate::health::serve(addr, relay.health.clone(), shutdown.clone())
             .await

@@ -8,6 +8,7 @@
 //! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
 //! * `webhooks`: `t2i webhooks` (signatures, retries, SSRF guard) and `t2i gateway`.
 //! * `jobs`: every job state over HTTP (`GET`/`DELETE /v1/jobs/{id}`) from the store's records.
+//! * `receivers`: webhook receivers with their own secrets, rotation, 410 → disabled, replay.
 //! * `deploy`: the RabbitMQ definitions in `infra/` against the topology the worker declares.
 
 mod batching;
@@ -17,6 +18,7 @@ mod clients;
 mod deploy;
 mod jobs;
 mod parity;
+mod receivers;
 mod support;
 mod webhooks;
 mod worker;

@@ -15,16 +15,18 @@ use t2i_worker::queue::Lane;
 
 use crate::broker::{WorkerProc, World, amqp_url, serial};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// The relay's `--url-key` for ad-hoc URLs (another key than any receiver's secret).
+pub(crate) const URL_KEY: &str = "whsec_dXJsLWtleS1mb3ItYWQtaG9jLXJlY2VpdmVycw==";
 /// The worker's `--event-source` in the webhook test.
 const EVENT_SOURCE: &str = "https://t2i.example.com/it/hooks";
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 /// A child process killed when dropped.
-pub(crate) struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -81,7 +83,7 @@ pub(crate) async fn json(r: reqwest::Response) -> Value {
     })
 }
 
-fn read_log(path: &Path) -> Vec<Value> {
+pub(crate) fn read_log(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -89,17 +91,23 @@ fn read_log(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhooks_are_signed_retried_and_guarded() {
-    let _g = serial().await;
-    let world = World::new("hooks").await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("received.jsonl");
+/// Starts tests/support/webhook_receiver.py (verifying with [`SECRET`], failing each event's
+/// first `fail_first` deliveries to /hook, checking `checks`' secrets too): the process and its
+/// main and other ports.
+pub(crate) fn start_receiver(
+    log: &Path,
+    fail_first: u32,
+    checks: Option<&Path>,
+) -> (Proc, u16, u16) {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/webhook_receiver.py");
-    let mut receiver = Command::new(python())
-        .arg(&script)
-        .args([SECRET, log.to_str().unwrap(), "2"])
+    let mut cmd = Command::new(python());
+    cmd.arg(&script)
+        .args([SECRET, log.to_str().unwrap(), &fail_first.to_string()]);
+    if let Some(c) = checks {
+        cmd.arg(c);
+    }
+    let mut receiver = cmd
         .stdout(Stdio::piped())
         .spawn()
         .expect("python for the webhook receiver (set PYTHON)");
@@ -107,7 +115,7 @@ async fn webhooks_are_signed_retried_and_guarded() {
     BufReader::new(receiver.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let _receiver = Proc(receiver);
+    let receiver = Proc(receiver);
     let ports: Vec<u16> = line
         .strip_prefix("PORTS ")
         .unwrap_or_else(|| {
@@ -116,15 +124,38 @@ async fn webhooks_are_signed_retried_and_guarded() {
         .split_whitespace()
         .map(|p| p.parse().unwrap())
         .collect();
-    let (main, other) = (ports[0], ports[1]);
+    (receiver, ports[0], ports[1])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_signed_retried_and_guarded() {
+    let _g = serial().await;
+    let world = World::new("hooks").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("received.jsonl");
+    let (_receiver, main, other) = start_receiver(&log, 2, None);
+    // /hook is a configured receiver with its own secret; every other URL is ad hoc (per-URL
+    // secrets from the URL key), so the guard sees it.
+    let receivers = dir.path().join("receivers.toml");
+    std::fs::write(
+        &receivers,
+        format!(
+            "[[receiver]]\nid = \"hook\"\nurl = \"http://127.0.0.1:{main}/hook\"\nsecrets = [\"{SECRET}\"]\n"
+        ),
+    )
+    .unwrap();
 
     let relay_http = free_port();
     let _relay = spawn_t2i(
         &world,
         &[
             "webhooks".into(),
-            "--secret".into(),
-            SECRET.into(),
+            "--receivers".into(),
+            receivers.display().to_string(),
+            "--url-key".into(),
+            URL_KEY.into(),
+            "--state".into(),
+            dir.path().join("state").display().to_string(),
             "--allow-http".into(),
             "--allow-host".into(),
             format!("127.0.0.1:{main}"),
@@ -258,7 +289,15 @@ async fn webhooks_are_signed_retried_and_guarded() {
         };
         reasons.push((get("x-t2i-webhook-target"), get("x-t2i-webhook-error")));
     }
-    assert_eq!(reasons.len(), refused.len(), "{reasons:#?}");
+    // ... and so is the event that got the 410, which disabled that (ad-hoc) receiver.
+    assert_eq!(reasons.len(), refused.len() + 1, "{reasons:#?}");
+    let gone = format!("http://127.0.0.1:{main}/gone");
+    assert!(
+        reasons
+            .iter()
+            .any(|(t, why)| *t == gone && why.contains("410")),
+        "{reasons:#?}"
+    );
     for url in &refused {
         let (_, why) = reasons
             .iter()
@@ -606,10 +645,15 @@ fn loopback_names() -> Vec<String> {
 /// Publishes a `job.succeeded` event whose job names `url` as its webhook (no worker needed: the
 /// relay reads nothing else).
 async fn publish_hook_event(world: &World, job_id: &str, url: &str) {
+    publish_webhook_event(world, job_id, json!({ "url": url })).await;
+}
+
+/// Publishes a `job.succeeded` event of a job whose `webhook` is `webhook`.
+pub(crate) async fn publish_webhook_event(world: &World, job_id: &str, webhook: Value) {
     use t2i_worker::events::{CloudEvent, EventData, EventKind};
     let data: EventData = serde_json::from_value(json!({
         "job_id": job_id, "status": "succeeded", "attempt": 1, "worker": "guard-test",
-        "model": "none", "params": {"webhook": {"url": url}},
+        "model": "none", "params": {"webhook": webhook},
     }))
     .unwrap();
     let event = CloudEvent::new(
@@ -626,7 +670,7 @@ async fn publish_hook_event(world: &World, job_id: &str, url: &str) {
 }
 
 /// Every dead-lettered delivery of `world`'s relay: (target, reason).
-async fn drain_webhook_dead_letters(world: &World) -> Vec<(String, String)> {
+pub(crate) async fn drain_webhook_dead_letters(world: &World) -> Vec<(String, String)> {
     let ch = world.conn.raw().create_channel().await.unwrap();
     let dead_q = world.topology.webhooks_dead_queue();
     let mut out = Vec::new();
@@ -645,7 +689,7 @@ async fn drain_webhook_dead_letters(world: &World) -> Vec<(String, String)> {
     out
 }
 
-async fn delete_webhook_queues(world: &World, retry_levels: usize) {
+pub(crate) async fn delete_webhook_queues(world: &World, retry_levels: usize) {
     let ch = world.conn.raw().create_channel().await.unwrap();
     let t = &world.topology;
     let mut queues = vec![t.webhooks_queue(), t.webhooks_dead_queue()];
@@ -657,7 +701,12 @@ async fn delete_webhook_queues(world: &World, retry_levels: usize) {
 
 /// `t2i webhooks` with extra environment variables, the proxy variables of the test's own
 /// environment removed.
-fn spawn_relay(world: &World, args: &[String], env: &[(&str, String)], log: &Path) -> Proc {
+pub(crate) fn spawn_relay(
+    world: &World,
+    args: &[String],
+    env: &[(&str, String)],
+    log: &Path,
+) -> Proc {
     let out = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_t2i"));
     cmd.arg("webhooks")
@@ -718,8 +767,8 @@ async fn start_guard_relay(
 ) -> Proc {
     let relay_http = free_port();
     let mut args: Vec<String> = vec![
-        "--secret".into(),
-        SECRET.into(),
+        "--url-key".into(),
+        URL_KEY.into(),
         "--allow-http".into(),
         "--webhook-retry-delays".into(),
         "1".into(),
@@ -727,6 +776,8 @@ async fn start_guard_relay(
         "3".into(),
         "--http-addr".into(),
         format!("127.0.0.1:{relay_http}"),
+        "--state".into(),
+        log.with_extension("state").display().to_string(),
     ];
     for a in allowed {
         args.extend(["--allow-host".into(), a.clone()]);

@@ -3,12 +3,18 @@
 and its v1 API), validates the event against schemas/event.schema.json and its `data` against the
 schema its `dataschema` names, and logs it as a JSON line (`cloudevent`, `data_valid`: true or why not).
 
-    webhook_receiver.py SECRET LOG_FILE FAIL_FIRST
+    webhook_receiver.py SECRET LOG_FILE FAIL_FIRST [CHECKS_FILE]
+
+CHECKS_FILE holds a JSON object {name: "whsec_..."}, read on every request (so a test can write
+it once it knows the ports): each request is also verified with each of these secrets, and
+`checks` in its log line says which accepted it (per-receiver secrets, rotation).
 
 Serves on two ports and prints "PORTS <main> <other>" once listening:
 * main  POST /hook      verify, answer 500 to the first FAIL_FIRST deliveries of each webhook-id, then 200
         POST /redirect  302 to the other port (a private address the relay must refuse to follow)
         POST /gone      410
+        POST /gone-once 410 to the first request on this path, then 200 (a receiver that comes back)
+        POST /ok/...    200
 * other: anything       logged; the relay must never reach it
 """
 
@@ -31,6 +37,14 @@ SCHEMA = json.loads((Path(__file__).parents[2] / "schemas/event.schema.json").re
 REGISTRY = Registry().with_resource(SCHEMA["$id"], Resource.from_contents(SCHEMA))
 
 SECRET, LOG, FAIL_FIRST = sys.argv[1], sys.argv[2], int(sys.argv[3])
+CHECKS_FILE = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+
+
+def check_secrets():
+    """{name: secret} from CHECKS_FILE, empty until it exists."""
+    if CHECKS_FILE is None or not CHECKS_FILE.exists():
+        return {}
+    return json.loads(CHECKS_FILE.read_text())
 lock = threading.Lock()
 seen = Counter()
 ports = {}
@@ -90,16 +104,26 @@ class Main(BaseHTTPRequestHandler):
             verified = True
         except WebhookVerificationError as e:
             verified = str(e)
+        checks = {}
+        for name, secret in check_secrets().items():
+            try:
+                Webhook(secret).verify(body, headers)
+                checks[name] = True
+            except WebhookVerificationError:
+                checks[name] = False
         wid = headers.get("webhook-id")
         with lock:
             seen[(self.path, wid)] += 1
             n = seen[(self.path, wid)]
+            seen[self.path] += 1
+            on_path = seen[self.path]
         event = json.loads(body) if body else {}
         parsed, ce = cloudevent(headers, body)
         entry = {"server": self.server_name, "path": self.path, "id": wid, "n": n,
                  "verified": verified, "type": event.get("type"), "subject": event.get("subject"),
                  "content_type": headers.get("content-type"), "cloudevent": parsed,
-                 "source": ce and ce.get_source(), "data_valid": data_valid(ce, body)}
+                 "source": ce and ce.get_source(), "data_valid": data_valid(ce, body),
+                 "checks": checks, "signatures": len(headers.get("webhook-signature", "").split())}
         if self.server_name == "other":
             log(entry)
             return self.answer(200)
@@ -110,9 +134,12 @@ class Main(BaseHTTPRequestHandler):
         if self.path == "/redirect":
             log({**entry, "status": 302})
             return self.answer(302, [("Location", f"http://127.0.0.1:{ports['other']}/stolen")])
-        if self.path == "/gone":
+        if self.path == "/gone" or (self.path == "/gone-once" and on_path == 1):
             log({**entry, "status": 410})
             return self.answer(410)
+        if self.path == "/gone-once" or self.path.startswith("/ok/"):
+            log({**entry, "status": 200})
+            return self.answer(200)
         log({**entry, "status": 404})
         return self.answer(404)
 
