@@ -9,6 +9,7 @@
 //! the store as `t2i batch manifest` does.
 
 pub mod expand;
+pub mod plan;
 pub mod seeds;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -26,7 +27,8 @@ use crate::cli::{EnqueueArgs, UsageError};
 use crate::job::{JobId, ModelDefaults, parse_job_body};
 use crate::queue::{Connection, Delivered, Lane};
 use crate::storage::{ImageStore, ObjectKey, Store};
-use expand::{Combine, InputError, InputFormat, Items, Plan, PlannedJob, Planner};
+use expand::{Combine, InputError, InputFormat, Items};
+use plan::{Plan, PlannedJob, Planner};
 use seeds::SeedStrategy;
 
 pub async fn run(args: EnqueueArgs) -> Result<()> {

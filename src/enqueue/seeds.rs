@@ -99,7 +99,8 @@ mod tests {
 
     use serde_json::{Map, Value};
 
-    use super::super::expand::{Combine, Item, Plan, expand_template, parse_var, plan};
+    use super::super::expand::{Combine, Item, expand_template, parse_var};
+    use super::super::plan::{Plan, plan};
     use super::*;
     use crate::job::{Limits, ModelDefaults, parse_job_body};
 
@@ -114,7 +115,7 @@ mod tests {
 
     /// The seeds each job actually renders, with the job's prompt and parameters (everything of the
     /// parsed job but the seed, the ids and the output place).
-    fn rendered(jobs: &[super::super::expand::PlannedJob]) -> Vec<(String, u64)> {
+    fn rendered(jobs: &[super::super::plan::PlannedJob]) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         for j in jobs {
             let body = Value::Object(j.body.clone()).to_string();
