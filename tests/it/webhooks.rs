@@ -19,7 +19,7 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// The worker's `--event-source` in the webhook test.
 const EVENT_SOURCE: &str = "https://t2i.example.com/it/hooks";
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
