@@ -47,4 +47,46 @@ mod tests {
         assert_eq!(m.cancel_batches, vec!["x".to_string()]);
         assert!(ControlMessage::parse(br#""cancel everything""#).is_err());
     }
+
+    /// Bad input, measured (as `job::message::fuzz` does for jobs): arbitrary bytes and
+    /// near-valid messages never panic, and either parse to a message that reads back the same
+    /// or fail with a reason.
+    #[test]
+    fn any_control_body_reads_back_the_same_or_says_why() {
+        use crate::job::message::fuzz;
+        use proptest::prelude::*;
+        let ids = proptest::collection::vec(any::<String>(), 0..4)
+            .prop_map(|ids| serde_json::Value::from(ids).to_string())
+            .boxed();
+        let near_valid = fuzz::with_extras(vec![
+            ("cancel_jobs", fuzz::member(ids.clone())),
+            ("cancel_batches", fuzz::member(ids)),
+        ])
+        .prop_map(String::into_bytes);
+        let bodies = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            near_valid,
+            fuzz::raw_json().prop_map(String::into_bytes),
+        ];
+        let (ok, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let tried = fuzz::run(bodies, |body| {
+            match ControlMessage::parse(&body) {
+                Ok(m) => {
+                    prop_assert_eq!(ControlMessage::parse(&m.to_json()).ok(), Some(m));
+                    ok.set(ok.get() + 1);
+                }
+                Err(e) => {
+                    prop_assert!(!e.to_string().is_empty());
+                    refused.set(refused.get() + 1);
+                }
+            }
+            Ok(())
+        });
+        eprintln!(
+            "control: {tried} inputs, {} messages, {} refused",
+            ok.get(),
+            refused.get()
+        );
+        assert!(ok.get() > tried / 10, "too few valid messages");
+    }
 }

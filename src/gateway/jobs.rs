@@ -15,12 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{App, error, invalid};
+use super::{App, error, invalid, query_error};
 use crate::control::ControlMessage;
 use crate::events::EventData;
 use crate::job::message::check_key_prefix;
@@ -42,21 +43,24 @@ fn unavailable(e: StorageError) -> Response {
     )
 }
 
+type IdPath = Result<Path<String>, PathRejection>;
+type Prefix = Result<Query<PrefixQuery>, QueryRejection>;
+
 /// The id and key prefix of a request, checked, and the job's latest record.
 async fn lookup(
     app: &App,
     headers: &HeaderMap,
-    id: &str,
-    q: &PrefixQuery,
+    id: IdPath,
+    q: Prefix,
 ) -> Result<(JobId, Option<Record>), Response> {
     app.authorized(headers)?;
-    let Ok(job_id) = JobId::parse(id) else {
-        return Err(invalid(
-            "job_id",
-            "1 to 128 characters of [A-Za-z0-9._:-]",
-            id,
-        ));
+    // An id that is not UTF-8 once percent-decoded is as invalid as any other.
+    let id = id.map(|Path(id)| id).unwrap_or_default();
+    let Ok(job_id) = JobId::parse(&id) else {
+        let reason = "1 to 128 characters of [A-Za-z0-9._:-], not . or ..";
+        return Err(invalid("job_id", reason, &id));
     };
+    let Query(q) = q.map_err(query_error)?;
     if let Some(p) = &q.key_prefix {
         check_key_prefix(p).map_err(|r| invalid("key_prefix", &r.reason, &r.value))?;
     }
@@ -73,12 +77,12 @@ async fn lookup(
 pub(super) async fn status(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<PrefixQuery>,
+    id: IdPath,
+    q: Prefix,
 ) -> Response {
-    let mut record = match lookup(&app, &headers, &id, &q).await {
+    let mut record = match lookup(&app, &headers, id, q).await {
         Ok((_, Some(r))) => r,
-        Ok((_, None)) => {
+        Ok((id, None)) => {
             return error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -98,13 +102,14 @@ pub(super) async fn status(
 pub(super) async fn cancel(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<PrefixQuery>,
+    id: IdPath,
+    q: Prefix,
 ) -> Response {
-    let (job_id, record) = match lookup(&app, &headers, &id, &q).await {
+    let (job_id, record) = match lookup(&app, &headers, id, q).await {
         Ok(x) => x,
         Err(r) => return r,
     };
+    let id = job_id.as_str();
     if let Some(state) = record.as_ref().and_then(Record::state)
         && state.is_terminal()
     {

@@ -9,13 +9,15 @@
 //! * `POST /generate-image`: `{"text": "...", ...contract fields}`; publishes with `reply_to` and waits
 //!   for the terminal event (timeout: `--wait-timeout-s`), then answers with the image URLs or the
 //!   error. The shape of the Flask demo this product replaces.
-//! * `GET /openapi.json`, and `/healthz`, `/readyz` (connected to the broker), `/metrics` from
+//! * `GET /openapi.json` ([`openapi`]: every `$ref` resolvable, every answer listed), and `/healthz`, `/readyz` (connected to the broker), `/metrics` from
 //!   [`crate::health`], which also counts every request by route template and status, with its
 //!   latency ([`HttpMetrics`]).
 //!
-//! Errors are JSON: `{"error": {"code", "message", "field"?, "value"?}}` with 400/401/404/413/415/
-//! 409/422/503/504. With `--auth-token`, every `/v1` and `/generate-image` call needs `Authorization:
-//! Bearer <token>`. Request bodies are limited to the contract's 64 KiB.
+//! Errors are JSON, on every route, unknown routes (404) and wrong methods (405) included:
+//! `{"error": {"code", "message", "field"?, "value"?}}` with 400/401/404/405/409/413/422/502/503/
+//! 504. With `--auth-token`, every `/v1` and `/generate-image` call needs `Authorization: Bearer
+//! <token>`. Request bodies are limited to the contract's 64 KiB as the client sent them; the
+//! `job_id` the gateway adds is not counted ([`body`]).
 
 // Helpers return the finished error `Response` (128 bytes) as their `Err`, once per request.
 #![allow(clippy::result_large_err)]
@@ -25,9 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -45,7 +47,9 @@ use crate::queue::{
     Connection, Consumer, Delivered, Lane, Publisher, Reconnect, ReplyTo, Topology,
 };
 use crate::storage::Store;
+use body::BodyError;
 
+mod body;
 mod jobs;
 mod openapi;
 
@@ -125,58 +129,21 @@ impl App {
         body.map_err(body_error)
     }
 
-    /// Body → checked job JSON (with a job id), or the structured 4xx.
-    fn job_from(&self, body: &[u8], text_field: bool) -> Result<(Job, Value), Response> {
-        if body.len() > MAX_BODY_BYTES {
-            return Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("bodies are at most {MAX_BODY_BYTES} bytes"),
-            ));
-        }
-        let mut v: Value = serde_json::from_slice(body).map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                format!("not JSON: {e}"),
-            )
+    /// Body → checked job and the message to publish (with a job id), or the structured 4xx.
+    fn job_from(&self, body: &[u8], text_field: bool) -> Result<(Job, Vec<u8>), Response> {
+        let new_id = || uuid::Uuid::now_v7().to_string();
+        let message = body::into_message(body, text_field, new_id).map_err(|e| match e {
+            BodyError::TooLarge => too_large(),
+            BodyError::NotJson(why) => error(StatusCode::BAD_REQUEST, "invalid_json", why),
+            BodyError::Invalid(field, reason, value) => invalid(field, reason, &value),
         })?;
-        let Some(obj) = v.as_object_mut() else {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "expected a JSON object",
-            ));
-        };
-        if text_field {
-            match obj.remove("text") {
-                Some(Value::String(t)) => {
-                    if obj.contains_key("prompt") {
-                        return Err(invalid("prompt", "give `text` or `prompt`, not both", ""));
-                    }
-                    obj.insert("prompt".into(), Value::String(t));
-                }
-                Some(other) => return Err(invalid("text", "must be a string", &other.to_string())),
-                None if !obj.contains_key("prompt") => {
-                    return Err(invalid("text", "is required", ""));
-                }
-                None => {}
-            }
-        }
-        if !obj.contains_key("job_id") {
-            obj.insert(
-                "job_id".into(),
-                Value::from(uuid::Uuid::now_v7().to_string()),
-            );
-        }
-        let body = v.to_string();
         match parse_job_body(
-            body.as_bytes(),
+            &message,
             &self.limits,
             &ModelDefaults::default(),
             &self.model,
         ) {
-            Ok(job) => Ok((job, v)),
+            Ok(job) => Ok((job, message)),
             Err(bad) => {
                 let r = bad.rejection;
                 Err(invalid(&r.field, &r.reason, &r.value))
@@ -188,7 +155,7 @@ impl App {
         &self,
         lane: Lane,
         job_id: &str,
-        job: &Value,
+        message: &[u8],
         reply: bool,
     ) -> Result<(), Response> {
         let guard = self.session.read().await;
@@ -203,11 +170,7 @@ impl App {
             queue: s.reply_queue.clone(),
             correlation_id: Some(job_id.to_string()),
         });
-        match s
-            .publisher
-            .job(lane, job_id, job.to_string().as_bytes(), reply.as_ref())
-            .await
-        {
+        match s.publisher.job(lane, job_id, message, reply.as_ref()).await {
             Ok(Delivered::Routed) => Ok(()),
             Ok(Delivered::Unroutable) => Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -223,18 +186,46 @@ impl App {
     }
 }
 
+fn too_large() -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("bodies are at most {MAX_BODY_BYTES} bytes as sent"),
+    )
+}
+
 /// A body axum could not read (over the size limit, broken stream) as a JSON error.
 fn body_error(e: BytesRejection) -> Response {
     let status = e.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        error(
-            status,
-            "too_large",
-            format!("bodies are at most {MAX_BODY_BYTES} bytes"),
-        )
+        too_large()
     } else {
         error(status, "bad_request", e.body_text())
     }
+}
+
+/// A query string that does not deserialise (a repeated or malformed parameter) as a JSON 400,
+/// where axum's own rejection would answer `text/plain`.
+fn query_error(e: QueryRejection) -> Response {
+    error(StatusCode::BAD_REQUEST, "invalid_query", e.body_text())
+}
+
+/// Unknown routes: a JSON 404 like every other error.
+async fn no_route(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route {method} {}", uri.path()),
+    )
+}
+
+/// A known route with another method: a JSON 405 (axum adds the `Allow` header).
+async fn wrong_method(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not take {method}", uri.path()),
+    )
 }
 
 fn invalid(field: &str, reason: &str, value: &str) -> Response {
@@ -256,25 +247,29 @@ struct LaneQuery {
 async fn submit(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Query(q): Query<LaneQuery>,
+    q: Result<Query<LaneQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let body = match app.admit(&headers, body) {
         Ok(b) => b,
         Err(r) => return r,
     };
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return query_error(e),
+    };
     let lane = match q.lane.as_deref().map(Lane::parse) {
         None => Lane::Interactive,
         Some(Ok(lane)) => lane,
         Some(Err(e)) => return invalid("lane", "must be interactive or bulk", &e.0),
     };
-    let (parsed, job) = match app.job_from(&body, false) {
+    let (parsed, message) = match app.job_from(&body, false) {
         Ok(x) => x,
         Err(r) => return r,
     };
     let id = parsed.job_id.to_string();
     jobs::record_queued(&app, &parsed).await;
-    if let Err(r) = app.publish(lane, &id, &job, false).await {
+    if let Err(r) = app.publish(lane, &id, &message, false).await {
         return r;
     }
     let url = format!("/v1/jobs/{id}");
@@ -295,7 +290,7 @@ async fn generate(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let (parsed, job) = match app.job_from(&body, true) {
+    let (parsed, message) = match app.job_from(&body, true) {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -306,7 +301,7 @@ async fn generate(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(id.clone(), tx);
-    if let Err(r) = app.publish(Lane::Interactive, &id, &job, true).await {
+    if let Err(r) = app.publish(Lane::Interactive, &id, &message, true).await {
         app.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -360,14 +355,14 @@ fn respond(d: &EventData) -> Response {
         Some(crate::events::ErrorCode::Canceled) => (StatusCode::CONFLICT, "canceled"),
         _ => (StatusCode::BAD_GATEWAY, "failed"),
     };
-    (
-        status,
-        Json(json!({"error": {"code": code,
-            "message": d.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| d.status.clone()),
-            "field": d.error.as_ref().and_then(|e| e.field.clone())},
-            "job_id": d.job_id, "status": d.status})),
-    )
-        .into_response()
+    let mut body = json!({"error": {"code": code,
+        "message": d.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| d.status.clone())},
+        "job_id": d.job_id, "status": d.status});
+    // Absent rather than null, as in every other error.
+    if let Some(field) = d.error.as_ref().and_then(|e| e.field.clone()) {
+        body["error"]["field"] = field.into();
+    }
+    (status, Json(body)).into_response()
 }
 
 /// Keeps a broker session up: connect, declare, open the publisher and the reply queue, dispatch
@@ -436,7 +431,9 @@ fn router(app: Arc<App>) -> Router {
         // One byte over the contract's limit reaches the handler, which answers 413 in JSON.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES + 1))
         .with_state(app)
-        .merge(health);
+        .merge(health)
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method);
     // Last, so it sees every route (health ones included) and the fallback.
     http_metrics.layer(routes)
 }

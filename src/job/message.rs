@@ -15,8 +15,12 @@ use super::ImageFormat;
 use super::{Generation, GenerationRequest, Limits, ModelDefaults, Rejection};
 use crate::events::EventKind;
 
-/// Largest message body a worker accepts.
+/// Largest job body a producer writes: an HTTP request body, a JSONL line.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest message body a worker accepts: a producer's [`MAX_BODY_BYTES`] plus room for what the
+/// gateway adds on the way (an assigned `job_id` member, at most 140 bytes for a 128-character id;
+/// `text` renamed `prompt`), so that a body the gateway took is never refused for its size later.
+pub const MAX_MESSAGE_BYTES: usize = MAX_BODY_BYTES + 256;
 /// Largest `metadata` object, serialised.
 pub const MAX_METADATA_BYTES: usize = 8 * 1024;
 /// S3 presigned URLs live at most 7 days (SigV4 limit).
@@ -28,8 +32,12 @@ pub const MAX_PRESIGN_TTL_S: u64 = 7 * 24 * 3600;
 #[serde(deny_unknown_fields)]
 #[schemars(title = "t2i job", description = "A text-to-image job (contract v1).")]
 pub struct JobRequest {
-    /// Idempotency key: 1 to 128 characters of `[A-Za-z0-9._:-]`.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._:-]+$"))]
+    /// Idempotency key: 1 to 128 characters of `[A-Za-z0-9._:-]`, not `.`, `..` or `_index`.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9._:-]+$"),
+        extend("not" = {"enum": [".", "..", "_index"]})
+    )]
     pub job_id: String,
     /// At most 4000 characters; CLIP sees the first 77 tokens (truncation is reported).
     #[schemars(length(max = 4000))]
@@ -124,7 +132,11 @@ pub struct WebhookRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRef {
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._:-]+$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9._:-]+$"),
+        extend("not" = {"enum": [".", "..", "_index"]})
+    )]
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<u64>,
@@ -145,7 +157,7 @@ impl JobId {
             Err(Rejection::new(
                 "job_id",
                 format!("{:?}", truncate(s, 80)),
-                "must be 1 to 128 characters of [A-Za-z0-9._:-]",
+                "must be 1 to 128 characters of [A-Za-z0-9._:-], not ., .. or _index",
             ))
         }
     }
@@ -161,8 +173,12 @@ impl std::fmt::Display for JobId {
     }
 }
 
+/// Ids name a folder of the store (`{key_prefix}{job_id}/result.json`), so `.` and `..` (which
+/// would name the prefix itself or its parent) and `_index` (the store's id index,
+/// `crate::storage::INDEX_PREFIX`) are refused, as the property run (`fuzz`) found.
 fn is_id(s: &str) -> bool {
     (1..=128).contains(&s.len())
+        && !matches!(s, "." | ".." | "_index")
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
@@ -327,7 +343,7 @@ impl Job {
             return Err(Rejection::new(
                 "batch.id",
                 format!("{:?}", truncate(&b.id, 80)),
-                "must be 1 to 128 characters of [A-Za-z0-9._:-]",
+                "must be 1 to 128 characters of [A-Za-z0-9._:-], not ., .. or _index",
             ));
         }
         let deadline = match &req.deadline {
@@ -375,6 +391,40 @@ impl Job {
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
         self.deadline.is_some_and(|d| now > d)
     }
+
+    /// The job as a message again, every default resolved (size, steps, scheduler, seed, output),
+    /// so that publishing it renders the same images. [`Job::parse`] of it gives this job back,
+    /// except that the seed now counts as given.
+    pub fn to_request(&self) -> JobRequest {
+        let g = &self.generation;
+        JobRequest {
+            job_id: self.job_id.to_string(),
+            prompt: g.prompt.clone(),
+            negative_prompt: g.negative_prompt.clone(),
+            width: Some(g.width),
+            height: Some(g.height),
+            steps: Some(g.steps),
+            guidance_scale: Some(g.guidance_scale),
+            scheduler: Some(g.scheduler.as_str().to_string()),
+            seed: Some(g.seed),
+            num_images: Some(g.num_images),
+            model: self.model.clone(),
+            output: Some(OutputRequest {
+                format: Some(self.output.format),
+                quality: Some(self.output.quality),
+                key_prefix: Some(self.output.key_prefix.clone()),
+                presign_ttl_s: Some(self.output.presign_ttl.as_secs()),
+            }),
+            webhook: self.webhook.clone(),
+            batch: self.batch.clone(),
+            // Parsed from RFC 3339, so it formats as RFC 3339 again.
+            deadline: self.deadline.and_then(|d| {
+                d.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            }),
+            metadata: self.metadata.clone(),
+        }
+    }
 }
 
 /// `segmind/SSD-1B` matches `segmind/SSD-1B`, `SSD-1B` and a local folder named `SSD-1B`.
@@ -405,13 +455,13 @@ pub fn parse_job_body(
     defaults: &ModelDefaults,
     model: &str,
 ) -> Result<Job, BadBody> {
-    if body.len() > MAX_BODY_BYTES {
+    if body.len() > MAX_MESSAGE_BYTES {
         return Err(BadBody {
             job_id: None,
             rejection: Rejection::new(
                 "body",
                 format!("{} bytes", body.len()),
-                format!("messages are at most {MAX_BODY_BYTES} bytes"),
+                format!("messages are at most {MAX_MESSAGE_BYTES} bytes"),
             ),
         });
     }
@@ -435,10 +485,14 @@ pub fn parse_job_body(
                     format!("{path}.{f}")
                 }
             });
+        // `?` is a position serde cannot name: a syntax error before the first member is the
+        // body's, one inside a member is that member's. `[0]` is an array where the body's
+        // object should be.
+        let named = path.strip_suffix(".?").unwrap_or(&path);
         let field = match missing {
             Some(f) => f,
-            None if path == "." || path.is_empty() => "body".to_string(),
-            None => path,
+            None if matches!(named, "." | "" | "?") || named.starts_with('[') => "body".to_string(),
+            None => named.to_string(),
         };
         BadBody {
             job_id: job_id.clone(),
@@ -447,6 +501,10 @@ pub fn parse_job_body(
     })?;
     Job::parse(req, limits, defaults, model).map_err(|rejection| BadBody { job_id, rejection })
 }
+
+#[cfg(test)]
+#[path = "message_fuzz.rs"]
+pub(crate) mod fuzz;
 
 #[cfg(test)]
 mod tests {
@@ -507,6 +565,10 @@ mod tests {
     #[test]
     fn malformed_bodies_and_bad_ids_are_rejected() {
         assert_eq!(parse("not json").unwrap_err().rejection.field, "body");
+        // Found by the property run (`fuzz`): these named the field `?`.
+        assert_eq!(parse("[").unwrap_err().rejection.field, "body");
+        assert_eq!(parse("{1").unwrap_err().rejection.field, "body");
+        assert_eq!(parse("[x").unwrap_err().rejection.field, "body");
         assert!(parse("not json").unwrap_err().job_id.is_none());
         assert_eq!(
             parse(r#"{"prompt": "x"}"#).unwrap_err().rejection.field,
@@ -550,6 +612,22 @@ mod tests {
                 "{bad}: {e:?}"
             );
         }
+    }
+
+    #[test]
+    fn ids_that_would_name_a_folder_outside_the_job_are_rejected() {
+        // Found by the property run: `..` put the job's objects in the prefix's parent folder.
+        for bad in [".", "..", "_index"] {
+            let body = format!(r#"{{"job_id": "{bad}", "prompt": "x"}}"#);
+            assert_eq!(parse(&body).unwrap_err().rejection.field, "job_id", "{bad}");
+            let body = format!(r#"{{"job_id": "a", "prompt": "x", "batch": {{"id": "{bad}"}}}}"#);
+            assert_eq!(
+                parse(&body).unwrap_err().rejection.field,
+                "batch.id",
+                "{bad}"
+            );
+        }
+        assert!(parse(r#"{"job_id": "...", "prompt": "x"}"#).is_ok());
     }
 
     #[test]

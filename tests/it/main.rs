@@ -7,10 +7,12 @@
 //! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness).
 //! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
 //! * `webhooks`: `t2i webhooks` (signatures, retries, SSRF guard) and `t2i gateway`.
+//! * `api`: `t2i gateway` against its OpenAPI document (schemathesis) and issue 16's holes in it.
 //! * `jobs`: every job state over HTTP (`GET`/`DELETE /v1/jobs/{id}`) from the store's records.
 //! * `receivers`: webhook receivers with their own secrets, rotation, 410 → disabled, replay.
 //! * `deploy`: the RabbitMQ definitions in `infra/` against the topology the worker declares.
 
+mod api;
 mod batching;
 mod broker;
 mod cli;
