@@ -165,7 +165,13 @@ pub(super) async fn record_queued(app: &App, job: &Job) {
         attempt: 0,
         worker: String::new(),
         model: app.model.clone(),
-        params: serde_json::to_value(job).ok(),
+        params: serde_json::to_value(job).ok().map(|mut p| {
+            // A seed drawn here is not the one the worker will draw: record none until it does.
+            if job.generation.seed_was_random {
+                p["seed"] = serde_json::Value::Null;
+            }
+            p
+        }),
         images: vec![],
         timings_ms: None,
         error: None,

@@ -110,7 +110,15 @@ async fn every_job_state_is_readable_over_http_and_delete_cancels() {
         .await;
     assert_eq!(status, 202, "{v}");
     let id = v["job_id"].as_str().unwrap().to_string();
+    let (_, queued) = api.get(&format!("/v1/jobs/{id}")).await;
+    if state(&queued) == "queued" {
+        assert!(
+            queued["params"]["seed"].is_null(),
+            "no seed before a worker draws it: {queued}"
+        );
+    }
     let first = api.until(&id, false, |v| state(v) == "succeeded").await;
+    assert!(first["params"]["seed"].is_u64(), "{first}");
     assert!(first["updated_at"].is_string(), "{first}");
     let img = &first["images"][0];
     assert_eq!(img["key"], format!("{}/sets/a/{id}/0.png", world.prefix));
