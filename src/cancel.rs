@@ -17,13 +17,9 @@ pub async fn run(args: CancelArgs) -> Result<()> {
     if message.is_empty() {
         return Err(UsageError("nothing to cancel: give job ids or --batch <id>".into()).into());
     }
-    if let Some(bad) = message
-        .cancel_jobs
-        .iter()
-        .chain(&message.cancel_batches)
-        .find(|id| id.is_empty() || id.len() > 128)
-    {
-        return Err(UsageError(format!("invalid id `{bad}` (1 to 128 characters)")).into());
+    // The workers' own bounds: a message they would refuse is not sent.
+    if let Err(e) = message.check() {
+        return Err(UsageError(e.to_string()).into());
     }
     let topology = crate::config::topology(&args.broker)?;
     let conn = Connection::open(&args.broker.amqp_url, "t2i cancel")

@@ -3,6 +3,30 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::job::JobId;
+
+/// Ids per list at most: a batch of any size is canceled by its one batch id, so this bounds what a
+/// worker remembers, not what can be canceled.
+pub const MAX_IDS: usize = 10_000;
+/// A message of [`MAX_IDS`] ids of the longest allowed (128 characters) in both lists, with JSON
+/// quoting, fits in 2.7 MB; anything larger is refused before parsing.
+pub const MAX_BODY_BYTES: usize = 2 * (MAX_IDS * (128 + 3)) + 64;
+
+/// Why a control message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("not a control message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("control message of {0} bytes: at most {MAX_BODY_BYTES}")]
+    TooLarge(usize),
+    #[error("{0}: {1} ids, at most {MAX_IDS}")]
+    TooMany(&'static str, usize),
+    #[error(
+        "{0}: {1:?} is not a job or batch id (1 to 128 characters of [A-Za-z0-9._:-], not ., .. or _index)"
+    )]
+    BadId(&'static str, String),
+}
+
 /// Cancel these job ids and every job whose `batch.id` is one of these batches.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlMessage {
@@ -18,8 +42,33 @@ impl ControlMessage {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(body)
+    /// Parses and checks a control message: every id must be a valid job or batch id (the
+    /// contract's id rules, [`JobId::parse`]) and each list at most [`MAX_IDS`] long, because
+    /// every worker keeps what it is told to cancel for its whole life.
+    pub fn parse(body: &[u8]) -> Result<Self, ControlError> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(ControlError::TooLarge(body.len()));
+        }
+        let m: Self = serde_json::from_slice(body)?;
+        m.check()?;
+        Ok(m)
+    }
+
+    /// The bounds [`ControlMessage::parse`] applies, for writers (`t2i cancel`, the gateway).
+    pub fn check(&self) -> Result<(), ControlError> {
+        for (field, ids) in [
+            ("cancel_jobs", &self.cancel_jobs),
+            ("cancel_batches", &self.cancel_batches),
+        ] {
+            if ids.len() > MAX_IDS {
+                return Err(ControlError::TooMany(field, ids.len()));
+            }
+            if let Some(bad) = ids.iter().find(|id| JobId::parse(id).is_err()) {
+                let shown: String = bad.chars().take(80).collect();
+                return Err(ControlError::BadId(field, shown));
+            }
+        }
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -41,6 +90,30 @@ mod tests {
     }
 
     #[test]
+    fn ids_and_list_lengths_are_bounded() {
+        assert!(ControlMessage::parse(br#"{"cancel_jobs": ["a b"]}"#).is_err());
+        assert!(ControlMessage::parse(br#"{"cancel_batches": [".."]}"#).is_err());
+        assert!(ControlMessage::parse(br#"{"cancel_jobs": [""]}"#).is_err());
+        let many = ControlMessage {
+            cancel_jobs: (0..=MAX_IDS).map(|i| format!("j{i}")).collect(),
+            cancel_batches: vec![],
+        };
+        let err = ControlMessage::parse(&many.to_json()).unwrap_err();
+        assert!(err.to_string().contains("cancel_jobs"), "{err}");
+        let most = ControlMessage {
+            cancel_jobs: (0..MAX_IDS).map(|i| format!("{i:0>128}")).collect(),
+            cancel_batches: (0..MAX_IDS).map(|i| format!("{i:0>128}")).collect(),
+        };
+        assert!(most.to_json().len() <= MAX_BODY_BYTES);
+        assert_eq!(ControlMessage::parse(&most.to_json()).unwrap(), most);
+        let huge = vec![b' '; MAX_BODY_BYTES + 1];
+        assert!(matches!(
+            ControlMessage::parse(&huge),
+            Err(ControlError::TooLarge(_))
+        ));
+    }
+
+    #[test]
     fn missing_lists_read_as_empty() {
         let m = ControlMessage::parse(br#"{"cancel_batches": ["x"]}"#).unwrap();
         assert!(m.cancel_jobs.is_empty());
@@ -55,7 +128,12 @@ mod tests {
     fn any_control_body_reads_back_the_same_or_says_why() {
         use crate::job::message::fuzz;
         use proptest::prelude::*;
-        let ids = proptest::collection::vec(any::<String>(), 0..4)
+        // Mostly ids of the contract's alphabet (so that many messages are valid), some anything.
+        let id = prop_oneof![
+            3 => "[A-Za-z0-9._:-]{1,12}",
+            1 => any::<String>(),
+        ];
+        let ids = proptest::collection::vec(id, 0..4)
             .prop_map(|ids| serde_json::Value::from(ids).to_string())
             .boxed();
         let near_valid = fuzz::with_extras(vec![
