@@ -6,7 +6,7 @@
 //! * `cli`: `t2i generate` through the real binary.
 //! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness).
 //! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
-//! * `webhooks`: `t2i webhooks` (signatures, retries, SSRF guard) and `t2i gateway`.
+//! * `webhooks`: `t2i webhooks` (signatures, retries); `guard`: its SSRF guard; `gateway`: `t2i gateway`.
 //! * `api`: `t2i gateway` against its OpenAPI document (schemathesis) and issue 16's holes in it.
 //! * `jobs`: every job state over HTTP (`GET`/`DELETE /v1/jobs/{id}`) from the store's records.
 //! * `receivers`: webhook receivers with their own secrets, rotation, 410 → disabled, replay.
@@ -18,6 +18,8 @@ mod broker;
 mod cli;
 mod clients;
 mod deploy;
+mod gateway;
+mod guard;
 mod jobs;
 mod parity;
 mod receivers;
