@@ -246,6 +246,37 @@ pub struct CloudEvent {
     pub data: EventData,
 }
 
+impl EventData {
+    /// The `data` every event (and stored record) of `job` starts from: its id and normalized
+    /// parameters, its batch and metadata; no images, timings or error yet.
+    pub fn for_job(
+        job: &crate::job::Job,
+        status: &str,
+        attempt: u32,
+        worker: &str,
+        model: &str,
+    ) -> Self {
+        Self {
+            job_id: job.job_id.to_string(),
+            status: status.into(),
+            attempt,
+            worker: worker.into(),
+            model: model.into(),
+            params: serde_json::to_value(job).ok(),
+            images: vec![],
+            timings_ms: None,
+            error: None,
+            progress: None,
+            prompt_truncated: false,
+            batch: job
+                .batch
+                .as_ref()
+                .and_then(|b| serde_json::to_value(b).ok()),
+            metadata: job.metadata.clone(),
+        }
+    }
+}
+
 /// Deterministic event id for (job, kind[, step]).
 pub fn event_id(job_id: &str, kind: EventKind, step: Option<usize>) -> String {
     let name = match step {

@@ -122,10 +122,8 @@ pub async fn write<S: ImageStore>(
 ) -> Result<(), StorageError> {
     let state = record.state().unwrap_or(JobState::Failed);
     let key = state.key(key_prefix, job);
-    // No URL to presign for a record: the TTL is unused by readers of `put`'s result here.
-    let ttl = Duration::from_secs(1);
     store
-        .put(&key, record.to_json(), "application/json", &[], ttl)
+        .put(&key, record.to_json(), "application/json", &[], None)
         .await
         .map(drop)
 }
@@ -150,11 +148,22 @@ pub async fn write_index<S: ImageStore>(
         key_prefix: key_prefix.to_string(),
     };
     let body = serde_json::to_vec(&entry).unwrap_or_default();
-    let ttl = Duration::from_secs(1);
     store
-        .put(&ObjectKey::index(job), body, "application/json", &[], ttl)
+        .put(&ObjectKey::index(job), body, "application/json", &[], None)
         .await
         .map(drop)
+}
+
+/// Writes where `job`'s objects live (for a prefixed job), then `record`: what every writer of a
+/// record does, so a lookup by id finds it.
+pub async fn write_with_index<S: ImageStore>(
+    store: &S,
+    key_prefix: &str,
+    job: &JobId,
+    record: &Record,
+) -> Result<(), StorageError> {
+    write_index(store, job, key_prefix).await?;
+    write(store, key_prefix, job, record).await
 }
 
 /// The key prefix of `job`: the one given, else the index's, else none (the store root).

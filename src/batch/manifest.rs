@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::cli::{BatchManifestArgs, DatasetArgs};
 use crate::events::{EventData, ImageRecord};
 use crate::records::Listed;
-use crate::storage::{ImageStore, LIST_PAGE, Store};
+use crate::storage::{ImageStore, Pages, Store};
 
 /// Files per `images/` sub-folder: the Hugging Face Hub's limit per folder.
 pub const FILES_PER_FOLDER: u64 = 10_000;
@@ -195,9 +195,8 @@ pub async fn build(store: &Store, key_prefix: &str, opts: &DatasetArgs) -> Resul
         None => None,
     };
     let mut sum = Summary::default();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.list(key_prefix, after.as_deref()).await?;
+    let mut pages = Pages::new(store, key_prefix);
+    while let Some(page) = pages.next().await? {
         let results: Vec<&String> = page
             .iter()
             .filter(|k| matches!(Listed::of(k, key_prefix), Some((_, Listed::Result))))
@@ -242,10 +241,6 @@ pub async fn build(store: &Store, key_prefix: &str, opts: &DatasetArgs) -> Resul
                 }
                 sum.images += 1;
             }
-        }
-        match page.last() {
-            Some(last) if page.len() >= LIST_PAGE => after = Some(last.clone()),
-            _ => break,
         }
     }
     if let Some(s) = shards.as_mut() {

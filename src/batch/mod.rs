@@ -13,7 +13,7 @@ pub mod manifest;
 pub mod sheet;
 pub mod watch;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -69,9 +69,8 @@ impl BatchRecord {
         self.updated_at = rfc3339(OffsetDateTime::now_utc());
         let key = format!("{}{}", self.key_prefix, Self::NAME);
         let body = serde_json::to_vec_pretty(self).unwrap_or_default();
-        let ttl = Duration::from_secs(1); // no URL is wanted for a record
         store
-            .put(&key, body, "application/json", &[], ttl)
+            .put(&key, body, "application/json", &[], None)
             .await
             .map(drop)
     }

@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::cli::BatchSheetArgs;
 use crate::events::{EventData, ImageRecord};
 use crate::records::Listed;
-use crate::storage::{ImageStore, LIST_PAGE, Store};
+use crate::storage::{ImageStore, Pages, Store};
 
 /// The grey of a cell no image was found for, and of the gaps between cells.
 const EMPTY: Rgb<u8> = Rgb([48, 48, 48]);
@@ -37,9 +37,8 @@ struct Cell {
 /// The first `scan` done jobs under `key_prefix`, in listing (batch) order.
 async fn results(store: &Store, key_prefix: &str, scan: usize) -> Result<Vec<EventData>> {
     let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.list(key_prefix, after.as_deref()).await?;
+    let mut pages = Pages::new(store, key_prefix);
+    while let Some(page) = pages.next().await? {
         for k in &page {
             if out.len() >= scan {
                 return Ok(out);
@@ -51,11 +50,8 @@ async fn results(store: &Store, key_prefix: &str, scan: usize) -> Result<Vec<Eve
                 out.push(d);
             }
         }
-        match page.last() {
-            Some(last) if page.len() >= LIST_PAGE => after = Some(last.clone()),
-            _ => return Ok(out),
-        }
     }
+    Ok(out)
 }
 
 fn template_vars(d: &EventData) -> Option<&serde_json::Map<String, Value>> {

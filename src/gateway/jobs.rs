@@ -159,36 +159,15 @@ pub(super) async fn cancel(
 /// does not stop the job: it reads 404 until a worker starts it.
 pub(super) async fn record_queued(app: &App, job: &Job) {
     let (job_id, key_prefix) = (&job.job_id, job.output.key_prefix.as_str());
-    let data = EventData {
-        job_id: job_id.to_string(),
-        status: JobState::Queued.as_str().into(),
-        attempt: 0,
-        worker: String::new(),
-        model: app.model.clone(),
-        params: serde_json::to_value(job).ok().map(|mut p| {
-            // A seed drawn here is not the one the worker will draw: record none until it does.
-            if job.generation.seed_was_random {
-                p["seed"] = serde_json::Value::Null;
-            }
-            p
-        }),
-        images: vec![],
-        timings_ms: None,
-        error: None,
-        progress: None,
-        prompt_truncated: false,
-        batch: job
-            .batch
-            .as_ref()
-            .and_then(|b| serde_json::to_value(b).ok()),
-        metadata: job.metadata.clone(),
-    };
+    let mut data = EventData::for_job(job, JobState::Queued.as_str(), 0, "", &app.model);
+    // A seed drawn here is not the one the worker will draw: record none until it does.
+    if job.generation.seed_was_random
+        && let Some(p) = data.params.as_mut()
+    {
+        p["seed"] = serde_json::Value::Null;
+    }
     let record = Record::new(JobState::Queued, data);
-    let written = async {
-        records::write_index(&app.store, job_id, key_prefix).await?;
-        records::write(&app.store, key_prefix, job_id, &record).await
-    };
-    if let Err(e) = written.await {
+    if let Err(e) = records::write_with_index(&app.store, key_prefix, job_id, &record).await {
         tracing::warn!(job = %job_id, error = %e, "recording a queued job");
     }
 }

@@ -68,7 +68,7 @@ impl ImageStore for LocalStore {
         body: Vec<u8>,
         _content_type: &str,
         _metadata: &[(String, String)],
-        _url_ttl: Duration,
+        _url_ttl: Option<Duration>,
     ) -> Result<StoredObject, StorageError> {
         let path = self.path(key);
         fn io(op: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> StorageError + use<> {

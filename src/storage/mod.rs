@@ -126,14 +126,15 @@ impl StorageError {
 /// An object store for generated images.
 pub trait ImageStore: Send + Sync + 'static {
     /// Writes `body` at `key` (under the store's own prefix) and returns where it is, with a
-    /// presigned GET URL valid for `url_ttl` where the store supports them.
+    /// presigned GET URL valid for `url_ttl` where the store supports them (`None`: no URL wanted,
+    /// as for the records, so nothing is signed).
     fn put(
         &self,
         key: &str,
         body: Vec<u8>,
         content_type: &str,
         metadata: &[(String, String)],
-        url_ttl: Duration,
+        url_ttl: Option<Duration>,
     ) -> impl Future<Output = Result<StoredObject, StorageError>> + Send;
 
     /// Reads `key`, `None` when it does not exist.
@@ -212,7 +213,7 @@ impl ImageStore for Store {
         body: Vec<u8>,
         content_type: &str,
         metadata: &[(String, String)],
-        url_ttl: Duration,
+        url_ttl: Option<Duration>,
     ) -> Result<StoredObject, StorageError> {
         match self {
             Self::Local(s) => s.put(key, body, content_type, metadata, url_ttl).await,
@@ -264,6 +265,39 @@ impl ImageStore for Store {
     }
 }
 
+/// A listing of `prefix` read one page at a time ([`ImageStore::list`] by `StartAfter`): the one
+/// place that knows when a listing has ended (a page shorter than [`LIST_PAGE`]).
+pub struct Pages<'a, S> {
+    store: &'a S,
+    prefix: &'a str,
+    after: Option<String>,
+    done: bool,
+}
+
+impl<'a, S: ImageStore> Pages<'a, S> {
+    pub fn new(store: &'a S, prefix: &'a str) -> Self {
+        Self {
+            store,
+            prefix,
+            after: None,
+            done: false,
+        }
+    }
+
+    /// The next page, `None` once the listing has ended.
+    pub async fn next(&mut self) -> Result<Option<Vec<String>>, StorageError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self.store.list(self.prefix, self.after.as_deref()).await?;
+        match page.last() {
+            Some(last) if page.len() >= LIST_PAGE => self.after = Some(last.clone()),
+            _ => self.done = true,
+        }
+        Ok(Some(page))
+    }
+}
+
 /// Every key under `prefix`, page by page: `each` sees one page at a time, so memory stays at one
 /// page whatever the listing's length. Returns how many keys there were.
 pub async fn list_all<S: ImageStore>(
@@ -271,17 +305,13 @@ pub async fn list_all<S: ImageStore>(
     prefix: &str,
     mut each: impl FnMut(&[String]),
 ) -> Result<u64, StorageError> {
-    let mut after: Option<String> = None;
+    let mut pages = Pages::new(store, prefix);
     let mut n = 0u64;
-    loop {
-        let page = store.list(prefix, after.as_deref()).await?;
+    while let Some(page) = pages.next().await? {
         n += page.len() as u64;
         each(&page);
-        match page.last() {
-            Some(last) if page.len() >= LIST_PAGE => after = Some(last.clone()),
-            _ => return Ok(n),
-        }
     }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -195,7 +195,7 @@ impl ImageStore for S3Store {
         body: Vec<u8>,
         content_type: &str,
         metadata: &[(String, String)],
-        url_ttl: Duration,
+        url_ttl: Option<Duration>,
     ) -> Result<StoredObject, StorageError> {
         let key = self.full_key(key);
         let metadata: HashMap<String, String> = metadata.iter().cloned().collect();
@@ -214,12 +214,18 @@ impl ImageStore for S3Store {
                 .await
                 .map_err(|e| self.err("PutObject", &key, e))?;
         }
-        let url = self.presign_full(&key, url_ttl).await?;
+        let (url, url_expires_at) = match url_ttl {
+            Some(ttl) => (
+                Some(self.presign_full(&key, ttl).await?),
+                Some(OffsetDateTime::now_utc() + ttl),
+            ),
+            None => (None, None),
+        };
         Ok(StoredObject {
             bucket: Some(self.bucket.clone()),
             key,
-            url: Some(url),
-            url_expires_at: Some(OffsetDateTime::now_utc() + url_ttl),
+            url,
+            url_expires_at,
         })
     }
 

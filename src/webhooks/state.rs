@@ -92,15 +92,8 @@ impl StateStore {
             reason: reason.to_string(),
         };
         let body = serde_json::to_vec_pretty(&state).expect("plain strings serialise");
-        // The TTL only matters to stores that presign a URL for what they wrote; nothing reads it.
         self.store
-            .put(
-                &key(name),
-                body,
-                "application/json",
-                &[],
-                Duration::from_secs(60),
-            )
+            .put(&key(name), body, "application/json", &[], None)
             .await?;
         let cached = disabled.then_some(state);
         self.lock()

@@ -134,24 +134,7 @@ pub struct Completion<St, Si> {
 impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
     /// The `data` every event of `job` starts from.
     pub fn data(&self, job: &Job, attempt: u32, kind: EventKind) -> EventData {
-        EventData {
-            job_id: job.job_id.to_string(),
-            status: kind.status().into(),
-            attempt,
-            worker: self.worker_id.clone(),
-            model: self.model.clone(),
-            params: serde_json::to_value(job).ok(),
-            images: vec![],
-            timings_ms: None,
-            error: None,
-            progress: None,
-            prompt_truncated: false,
-            batch: job
-                .batch
-                .as_ref()
-                .and_then(|b| serde_json::to_value(b).ok()),
-            metadata: job.metadata.clone(),
-        }
+        EventData::for_job(job, kind.status(), attempt, &self.worker_id, &self.model)
     }
 
     pub fn event(&self, kind: EventKind, data: EventData) -> CloudEvent {
@@ -166,11 +149,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
         let (prefix, id) = (job.output.key_prefix.clone(), job.job_id.clone());
         let record = Record::new(JobState::Running, data.clone());
         tokio::spawn(async move {
-            let written = async {
-                records::write_index(&*store, &id, &prefix).await?;
-                records::write(&*store, &prefix, &id, &record).await
-            };
-            if let Err(e) = written.await {
+            if let Err(e) = records::write_with_index(&*store, &prefix, &id, &record).await {
                 tracing::warn!(job = %id, error = %e, "recording the running state");
             }
         });
@@ -181,11 +160,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
     /// leaves the job counted as pending by `t2i batch`.
     async fn record_end(&self, key_prefix: &str, job: &JobId, state: JobState, data: &EventData) {
         let record = Record::new(state, data.clone());
-        let written = async {
-            records::write_index(&*self.store, job, key_prefix).await?;
-            records::write(&*self.store, key_prefix, job, &record).await
-        };
-        if let Err(e) = written.await {
+        if let Err(e) = records::write_with_index(&*self.store, key_prefix, job, &record).await {
             tracing::warn!(%job, error = %e, "recording the {} state", state.as_str());
         }
     }
@@ -459,7 +434,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
                     e.bytes,
                     format.content_type(),
                     &meta,
-                    job.output.presign_ttl,
+                    Some(job.output.presign_ttl),
                 )
                 .await?;
             records.push(ImageRecord {

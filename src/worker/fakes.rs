@@ -35,7 +35,7 @@ impl ImageStore for MemoryStore {
         body: Vec<u8>,
         _content_type: &str,
         _metadata: &[(String, String)],
-        _url_ttl: Duration,
+        _url_ttl: Option<Duration>,
     ) -> Result<StoredObject, StorageError> {
         if self.fail_puts.load(Ordering::Relaxed) {
             return Err(unreachable_store("PUT", key));

@@ -744,7 +744,7 @@ async fn s3_multipart_uploads_and_presigned_urls_work_against_garage() {
             body.clone(),
             "application/octet-stream",
             &meta,
-            Duration::from_secs(300),
+            Some(Duration::from_secs(300)),
         )
         .await
         .unwrap();
@@ -805,7 +805,7 @@ async fn urls_presigned_for_a_public_endpoint_name_it_and_open_without_credentia
             body.clone(),
             "image/png",
             &[],
-            Duration::from_secs(300),
+            Some(Duration::from_secs(300)),
         )
         .await
         .unwrap();
@@ -837,7 +837,7 @@ async fn urls_presigned_for_a_public_endpoint_name_it_and_open_without_credentia
             body.clone(),
             "image/png",
             &[],
-            Duration::from_secs(300),
+            Some(Duration::from_secs(300)),
         )
         .await
         .unwrap();
