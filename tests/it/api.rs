@@ -16,7 +16,7 @@ use lapin::types::FieldTable;
 use serde_json::Value;
 
 use crate::broker::{World, serial};
-use crate::webhooks::{free_port, json, python, spawn_t2i, wait_http_ok};
+use crate::webhooks::{json, python, spawn_gateway};
 
 const TOKEN: &str = "s3cret";
 /// Examples per operation and phase: about 60 s for the whole run on a shared CI core, most of
@@ -186,24 +186,12 @@ async fn the_gateway_answers_as_its_openapi_document_says() {
     let world = World::new("api").await;
     listen_for_cancellations(&world).await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _gateway = spawn_t2i(
+    let (_gateway, base) = spawn_gateway(
         &world,
-        &[
-            "gateway".into(),
-            "--addr".into(),
-            format!("127.0.0.1:{port}"),
-            "--storage".into(),
-            world.storage(),
-            "--auth-token".into(),
-            TOKEN.into(),
-            "--wait-timeout-s".into(),
-            "1".into(),
-        ],
+        &["--auth-token", TOKEN, "--wait-timeout-s", "1"],
         &dir.path().join("gateway.log"),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(30)).await;
+    )
+    .await;
     regressions(&base).await;
     let base2 = base.clone();
     let dir2 = dir.path().to_path_buf();

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::broker::{WorkerProc, World, serial};
-use crate::webhooks::{free_port, json, spawn_t2i, wait_http_ok};
+use crate::webhooks::{json, spawn_gateway};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_generates_queues_and_reports_errors() {
@@ -15,26 +15,19 @@ async fn gateway_generates_queues_and_reports_errors() {
     let world = World::new("gateway").await;
     let public = crate::broker::public_garage_endpoint();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _gateway = spawn_t2i(
+    let (_gateway, base) = spawn_gateway(
         &world,
         &[
-            "gateway".into(),
-            "--addr".into(),
-            format!("127.0.0.1:{port}"),
-            "--storage".into(),
-            world.storage(),
-            "--auth-token".into(),
-            "s3cret".into(),
-            "--min-side".into(),
-            "32".into(),
-            "--s3-public-endpoint".into(),
-            public.clone(),
+            "--auth-token",
+            "s3cret",
+            "--min-side",
+            "32",
+            "--s3-public-endpoint",
+            &public,
         ],
         &dir.path().join("gateway.log"),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(30)).await;
+    )
+    .await;
     // As in docker/compose.yaml: the worker presigns for the name clients use, not its own.
     let worker = WorkerProc::spawn(&world, "w1", &["--s3-public-endpoint", &public]);
     let http = reqwest::Client::new();

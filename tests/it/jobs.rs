@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use t2i_worker::queue::Lane;
 
 use crate::broker::{WorkerProc, World, get_object, s3, serial};
-use crate::webhooks::{free_port, json, spawn_t2i, wait_http_ok};
+use crate::webhooks::{json, spawn_gateway};
 
 struct Api {
     base: String,
@@ -73,27 +73,16 @@ async fn every_job_state_is_readable_over_http_and_delete_cancels() {
     let _g = serial().await;
     let world = World::new("jobs").await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _gateway = spawn_t2i(
+    let (_gateway, base) = spawn_gateway(
         &world,
-        &[
-            "gateway".into(),
-            "--addr".into(),
-            format!("127.0.0.1:{port}"),
-            "--storage".into(),
-            world.storage(),
-            "--min-side".into(),
-            "32".into(),
-            "--presign-ttl-s".into(),
-            "600".into(),
-        ],
+        &["--min-side", "32", "--presign-ttl-s", "600"],
         &dir.path().join("gateway.log"),
-    );
+    )
+    .await;
     let api = Api {
-        base: format!("http://127.0.0.1:{port}"),
+        base,
         http: reqwest::Client::new(),
     };
-    wait_http_ok(&format!("{}/readyz", api.base), Duration::from_secs(30)).await;
     let worker = WorkerProc::spawn(
         &world,
         "w1",

@@ -58,6 +58,24 @@ pub(crate) fn spawn_t2i(world: &World, args: &[String], log: &Path) -> Proc {
     )
 }
 
+/// `t2i gateway` on a free port against `world`'s store, with `extra` flags, once it answers
+/// `/readyz`: the process and its base URL. Its log goes to `log`.
+pub(crate) async fn spawn_gateway(world: &World, extra: &[&str], log: &Path) -> (Proc, String) {
+    let port = free_port();
+    let mut args: Vec<String> = vec![
+        "gateway".into(),
+        "--addr".into(),
+        format!("127.0.0.1:{port}"),
+        "--storage".into(),
+        world.storage(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let proc = spawn_t2i(world, &args, log);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(30)).await;
+    (proc, base)
+}
+
 pub(crate) async fn wait_http_ok(url: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
