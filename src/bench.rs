@@ -137,11 +137,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let p = &loaded.pipeline;
     let load_s = (loaded.resolve_time + loaded.load_time).as_secs_f64();
     let f = p.vae_scale_factor();
-    let defaults = ModelDefaults {
-        size: p.default_size() as u32,
-        scheduler: p.default_scheduler(),
-        ..ModelDefaults::default()
-    };
+    let defaults = p.model_defaults();
     let g =
         Generation::parse(request, &limits, &defaults).map_err(|e| UsageError(e.to_string()))?;
     let (width, height, steps) = (g.width as usize, g.height as usize, g.steps as usize);
@@ -211,14 +207,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .context("timed render")?;
             total += start.elapsed().as_secs_f64();
             encode += r.timings.text_encode.as_secs_f64();
-            step += r.timings.denoise.as_secs_f64() / steps as f64;
+            step += r.timings.denoise.as_secs_f64() / r.timings.steps as f64;
             vae += r.timings.vae_decode.as_secs_f64();
         }
         let n = args.runs as f64;
         let (encode, step, vae, total) = (encode / n, step / n, vae / n, total / n);
         let rows_per_step = batch_size as f64 * if cfg { 2.0 } else { 1.0 };
-        let ops = profile::is_enabled()
-            .then(|| profile_rows(&profile::take(), args.runs, steps, [encode, step, vae]));
+        let ops = profile::is_enabled().then(|| {
+            let evaluations = scheduler.unet_evaluations(steps);
+            profile_rows(
+                &profile::take(),
+                args.runs,
+                evaluations,
+                [encode, step, vae],
+            )
+        });
         let row = Row {
             implementation: "t2i",
             model: model.spec.clone(),

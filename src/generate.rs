@@ -66,11 +66,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     })?;
     let pipeline = &loaded.pipeline;
-    let defaults = ModelDefaults {
-        size: pipeline.default_size() as u32,
-        scheduler: pipeline.default_scheduler(),
-        ..ModelDefaults::default()
-    };
+    let defaults = pipeline.model_defaults();
     let generations: Vec<Generation> = requests
         .into_iter()
         .map(|r| Generation::parse(r, &limits, &defaults).map_err(|e| UsageError(e.to_string())))
@@ -113,7 +109,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
 
     let g0 = &generations[0];
-    let steps_total = plan.len().div_ceil(args.batch_size) as u64 * g0.steps as u64;
+    let evaluations = g0.scheduler.unet_evaluations(g0.steps as usize) as u64;
+    let steps_total = plan.len().div_ceil(args.batch_size) as u64 * evaluations;
     let bar = progress_bar(steps_total, args.quiet);
     let mut timings = Timings::default();
     let mut written = 0usize;

@@ -74,8 +74,10 @@ pub struct ModelDefaults {
     pub scheduler: SchedulerKind,
     /// diffusers' `num_inference_steps` default is 50; SDXL-family model cards use 25-50. We use 25.
     pub steps: u32,
-    /// diffusers' `guidance_scale` default for SDXL pipelines.
+    /// diffusers' `guidance_scale` default for the model's pipeline class (SDXL 5.0, SD 7.5).
     pub guidance_scale: f64,
+    /// A sampler the model's scheduler config cannot drive, and why (PNDM without `skip_prk_steps`).
+    pub unsupported_scheduler: Option<(SchedulerKind, &'static str)>,
 }
 
 impl Default for ModelDefaults {
@@ -85,6 +87,7 @@ impl Default for ModelDefaults {
             scheduler: SchedulerKind::Euler,
             steps: 25,
             guidance_scale: 5.0,
+            unsupported_scheduler: None,
         }
     }
 }
@@ -196,6 +199,11 @@ impl Generation {
                 )
             })?,
         };
+        if let Some((kind, why)) = defaults.unsupported_scheduler
+            && kind == scheduler
+        {
+            return Err(Rejection::new("scheduler", format!("\"{scheduler}\""), why));
+        }
         let num_images = req.num_images.unwrap_or(1);
         if num_images == 0 || num_images > limits.max_images {
             return Err(Rejection::new(

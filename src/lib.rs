@@ -1,5 +1,5 @@
-//! t2i-worker: text-to-image generation with SDXL-family models (SSD-1B, SDXL 1.0, Segmind-Vega) in
-//! candle, for a fleet of queue-fed workers and for local use.
+//! t2i-worker: text-to-image generation with SDXL-family models (SSD-1B, SDXL 1.0, Segmind-Vega) and
+//! Stable Diffusion 1.x/2.x in candle, for a fleet of queue-fed workers and for local use.
 //!
 //! # Layout
 //!

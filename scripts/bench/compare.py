@@ -5,7 +5,9 @@ both with their ratio (t2i / diffusers: below 1 means t2i is faster or smaller).
     python scripts/bench/compare.py --t2i target/release/t2i --python .venv/bin/python \
         --model /path/to/ssd-1b-random --width 512 --height 512 --steps 4 --batch-sizes 1,2 --warmup 0
 
-Every other flag is passed to both. The diffusers side needs scripts/parity/requirements.txt.
+Every other flag is passed to both. Any model folder t2i serves works (SDXL family or SD 1.x/2.x: the
+diffusers side picks the pipeline class from model_index.json). The diffusers side needs
+scripts/parity/requirements.txt.
 
 `--whole-process N` times what a user waits for instead: the whole process, from its start to the image
 written (imports, model load, one image), `t2i generate` against `diffusers_bench.py --generate-to`, run N

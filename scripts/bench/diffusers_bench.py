@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Reference timings: diffusers' StableDiffusionXLPipeline on a model folder, printing the same figures
-as `t2i bench --json` (one JSON object per batch size, "implementation": "diffusers").
+"""Reference timings: diffusers' pipeline for a model folder (`StableDiffusionXLPipeline` or
+`StableDiffusionPipeline`, as its model_index.json says; SD's safety checker not loaded, as t2i does not
+run it), printing the same figures as `t2i bench --json` (one JSON object per batch size,
+"implementation": "diffusers").
 
     python scripts/bench/diffusers_bench.py --model DIR --width 512 --height 512 --steps 4 --batch-sizes 1,2
 
 With `--generate-to FILE` it is instead what a user runs once: load, render one image, write it as a PNG
 (the diffusers side of `compare.py --whole-process`, which times the whole process from outside).
 
-Same prompt, sampler (built from the model's scheduler config as t2i does), guidance and step count as
-`t2i bench`; initial latents are drawn per image from a fixed seed. Attention uses PyTorch SDPA (the
+Same prompt, sampler (built from the model's scheduler config as t2i does; the shipped one by default),
+guidance (the pipeline's default unless given) and step count as `t2i bench`; `step_s` is per UNet
+evaluation (PNDM makes one more than its steps); initial latents are drawn per image from a fixed seed. Attention uses PyTorch SDPA (the
 diffusers default). Needs scripts/parity/requirements.txt (+ a CUDA build of torch for --device cuda).
 """
 
@@ -20,10 +23,10 @@ import sys
 import time
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "parity"))
-from make_fixtures import make_scheduler  # noqa: E402
+from make_sd_fixtures import make_scheduler  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -43,8 +46,8 @@ def main():
     ap.add_argument("--height", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-sizes", default="1")
-    ap.add_argument("--scheduler", default="euler")
-    ap.add_argument("--guidance-scale", type=float, default=5.0)
+    ap.add_argument("--scheduler", help="a t2i sampler name [default: the model's shipped scheduler]")
+    ap.add_argument("--guidance-scale", type=float, help="[default: the pipeline's, 5 SDXL, 7.5 SD]")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--json", action="store_true")
@@ -53,11 +56,17 @@ def main():
     dtype = DTYPES[args.dtype]
 
     t = time.perf_counter()
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype).to(args.device)
+    with open(os.path.join(args.model, "model_index.json")) as f:
+        sd = json.load(f).get("_class_name") == "StableDiffusionPipeline"
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if sd else {}
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, **extra).to(args.device)
     sync(args.device)
     load_s = time.perf_counter() - t
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler(args.scheduler, dict(pipe.scheduler.config))
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, dict(pipe.scheduler.config))
+    if args.guidance_scale is None:
+        args.guidance_scale = 7.5 if sd else 5.0  # the pipelines' __call__ defaults
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     cfg = args.guidance_scale > 1
     if args.generate_to:
@@ -86,6 +95,7 @@ def main():
             def on_step(p, i, ts, kw):
                 sync(args.device)
                 marks["last_step"] = time.perf_counter()
+                marks["evaluations"] = i + 1
                 return kw
 
             pipe.encode_prompt = timed_encode
@@ -101,7 +111,7 @@ def main():
                 sync(args.device)
             end = time.perf_counter()
             pipe.encode_prompt = original
-            return (marks["encoded"] - start, (marks["last_step"] - marks["encoded"]) / args.steps,
+            return (marks["encoded"] - start, (marks["last_step"] - marks["encoded"]) / marks["evaluations"],
                     end - t_vae, end - start)
 
         for _ in range(args.warmup):

@@ -299,30 +299,35 @@ def tokenize(tok, prompts):
 
 def independent_tokenizer_check(folder, prompts, ids1, ids2):
     """Cross-check transformers' ids with a tokenizer built from docs/model-notes.md §2's recipe."""
+    for sub, ids, pad in (("tokenizer", ids1, "<|endoftext|>"), ("tokenizer_2", ids2, "!")):
+        independent_tokenizer_check_one(folder / sub, prompts, ids, pad)
+
+
+def independent_tokenizer_check_one(tokenizer_dir, prompts, ids, pad):
+    """One tokenizer folder's ids against the recipe, padding with `pad`."""
     from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
-    for sub, ids, pad in (("tokenizer", ids1, "<|endoftext|>"), ("tokenizer_2", ids2, "!")):
-        vocab = json.loads((folder / sub / "vocab.json").read_text())
-        lines = (folder / sub / "merges.txt").read_text().splitlines()[1:]
-        merges = [tuple(l.split(" ")) for l in lines if l]
-        t = Tokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-        t.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                             normalizers.Lowercase()])
-        t.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                                 behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-        t.add_special_tokens([AddedToken("<|startoftext|>", special=True), AddedToken("<|endoftext|>", special=True),
-                              AddedToken(pad, special=True)])
-        t.post_processor = processors.TemplateProcessing(
-            single="<|startoftext|> $A <|endoftext|>",
-            special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])])
-        t.enable_truncation(77)
-        t.enable_padding(length=77, pad_id=vocab[pad], pad_token=pad)
-        mine = torch.tensor([e.ids for e in t.encode_batch(prompts)])
-        assert torch.equal(mine, ids), f"{sub}: transformers and the recipe disagree:\n{mine}\n{ids}"
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
+    lines = (tokenizer_dir / "merges.txt").read_text().splitlines()[1:]
+    merges = [tuple(l.split(" ")) for l in lines if l]
+    t = Tokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    t.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                         normalizers.Lowercase()])
+    t.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    t.add_special_tokens([AddedToken("<|startoftext|>", special=True), AddedToken("<|endoftext|>", special=True),
+                          AddedToken(pad, special=True)])
+    t.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])])
+    t.enable_truncation(77)
+    t.enable_padding(length=77, pad_id=vocab[pad], pad_token=pad)
+    mine = torch.tensor([e.ids for e in t.encode_batch(prompts)])
+    assert torch.equal(mine, ids), f"{tokenizer_dir}: transformers and the recipe disagree:\n{mine}\n{ids}"
 
 
 def pipeline_cases(kind):

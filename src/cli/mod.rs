@@ -22,7 +22,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "t2i",
     version,
-    about = "Text-to-image with SDXL-family models (SSD-1B, SDXL, Vega) in candle"
+    about = "Text-to-image with SDXL-family models (SSD-1B, SDXL, Vega) and SD 1.x/2.x in candle"
 )]
 pub struct Cli {
     /// Log verbosity filter (tracing EnvFilter syntax), e.g. `warn`, `t2i_worker=debug`. Without
@@ -188,7 +188,8 @@ impl StorageArgs {
 /// `bench`). Absent values take the model's defaults, exactly as a job's absent fields do.
 #[derive(Debug, Clone, Args)]
 pub struct GenerationArgs {
-    /// Negative prompt for every image. Without one, SDXL-family models use zero embeddings.
+    /// Negative prompt for every image. Without one, SDXL-family models use zero embeddings and SD
+    /// 1.x/2.x the encoding of "".
     #[arg(long, value_name = "TEXT")]
     pub negative_prompt: Option<String>,
 
@@ -204,12 +205,13 @@ pub struct GenerationArgs {
     #[arg(long)]
     pub steps: Option<u32>,
 
-    /// Classifier-free guidance scale, 0..=30; ≤ 1 disables guidance [default: 5].
+    /// Classifier-free guidance scale, 0..=30; ≤ 1 disables guidance [default: the pipeline's, 5 for
+    /// SDXL-family models, 7.5 for SD 1.x/2.x].
     #[arg(long, allow_negative_numbers = true)]
     pub guidance_scale: Option<f64>,
 
-    /// Sampler: euler, euler_ancestral, ddim, dpmpp_2m, dpmpp_2m_karras [default: the model's, euler
-    /// for SSD-1B].
+    /// Sampler: euler, euler_ancestral, ddim, dpmpp_2m, dpmpp_2m_karras, pndm [default: the model's,
+    /// euler for SSD-1B, pndm for SD 1.5].
     #[arg(long)]
     pub scheduler: Option<String>,
 }

@@ -60,7 +60,7 @@ pub struct JobRequest {
     #[schemars(range(min = 0.0, max = 30.0))]
     pub guidance_scale: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_karras"]))]
+    #[schemars(extend("enum" = ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "pndm"]))]
     pub scheduler: Option<String>,
     /// Seed of image 0; image i uses seed + i. Drawn and reported when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

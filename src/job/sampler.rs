@@ -13,15 +13,18 @@ pub enum SchedulerKind {
     Dpmpp2m,
     #[serde(rename = "dpmpp_2m_karras")]
     Dpmpp2mKarras,
+    /// PNDM's PLMS sampler (diffusers' default for SD 1.5).
+    Pndm,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 6] = [
         Self::Euler,
         Self::EulerAncestral,
         Self::Ddim,
         Self::Dpmpp2m,
         Self::Dpmpp2mKarras,
+        Self::Pndm,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -31,6 +34,7 @@ impl SchedulerKind {
             Self::Ddim => "ddim",
             Self::Dpmpp2m => "dpmpp_2m",
             Self::Dpmpp2mKarras => "dpmpp_2m_karras",
+            Self::Pndm => "pndm",
         }
     }
 
@@ -46,6 +50,8 @@ impl SchedulerKind {
             Self::Ddim => "DDIM",
             Self::Dpmpp2m => "DPM++ 2M",
             Self::Dpmpp2mKarras => "DPM++ 2M Karras",
+            // A1111's name for the same sampler (its `sd_samplers_compvis`: "PLMS").
+            Self::Pndm => "PLMS",
         }
     }
 }

@@ -72,6 +72,7 @@ impl RenderBatch {
 pub struct PhaseTimings {
     pub text_encode: Duration,
     pub denoise: Duration,
+    /// UNet evaluations in `denoise` (the steps, and PNDM's extra one).
     pub steps: usize,
     pub vae_decode: Duration,
 }

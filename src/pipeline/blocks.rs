@@ -358,8 +358,8 @@ impl BasicTransformerBlock {
     }
 }
 
-/// `Transformer2DModel` with `use_linear_projection=True`: GroupNorm (eps 1e-6), tokens = pixels,
-/// `proj_in`, `depth` transformer blocks, `proj_out`, residual.
+/// `Transformer2DModel`: GroupNorm (eps 1e-6), tokens = pixels, `proj_in`, `depth` transformer
+/// blocks, `proj_out`, residual.
 pub(crate) struct Transformer2D {
     norm: GroupNorm,
     proj_in: Linear,
@@ -367,30 +367,47 @@ pub(crate) struct Transformer2D {
     proj_out: Linear,
 }
 
+/// The shape of one `Transformer2DModel`.
+pub(crate) struct TransformerParams {
+    pub channels: usize,
+    pub heads: usize,
+    pub depth: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    /// `use_linear_projection`: `proj_in`/`proj_out` are `Linear` layers; otherwise 1×1 `Conv2d`s
+    /// (SD 1.x), applied before the pixels are flattened to tokens and after they are folded back.
+    /// A 1×1 convolution is the same per-pixel matrix product over channels, so both load into one
+    /// linear layer (the `(out, in, 1, 1)` kernel viewed as `(out, in)`) applied to the tokens.
+    pub linear_projection: bool,
+}
+
+/// A projection stored as `Linear` (`(out, in)`) or as a 1×1 `Conv2d` (`(out, in, 1, 1)`).
+fn projection(vb: VarBuilder, c: usize, as_linear: bool) -> Result<Linear> {
+    if as_linear {
+        return linear(c, c, vb);
+    }
+    let weight = vb.get((c, c, 1, 1), "weight")?.reshape((c, c))?;
+    let bias = vb.get(c, "bias")?;
+    Ok(Linear(candle_nn::Linear::new(weight, Some(bias))))
+}
+
 impl Transformer2D {
-    pub(crate) fn load(
-        vb: VarBuilder,
-        channels: usize,
-        heads: usize,
-        depth: usize,
-        context_dim: usize,
-        groups: usize,
-    ) -> Result<Self> {
-        let blocks = (0..depth)
+    pub(crate) fn load(vb: VarBuilder, p: &TransformerParams) -> Result<Self> {
+        let blocks = (0..p.depth)
             .map(|i| {
                 BasicTransformerBlock::load(
                     vb.pp(format!("transformer_blocks.{i}")),
-                    channels,
-                    heads,
-                    context_dim,
+                    p.channels,
+                    p.heads,
+                    p.context_dim,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
-            proj_in: linear(channels, channels, vb.pp("proj_in"))?,
+            norm: group_norm(p.groups, p.channels, 1e-6, vb.pp("norm"))?,
+            proj_in: projection(vb.pp("proj_in"), p.channels, p.linear_projection)?,
             blocks,
-            proj_out: linear(channels, channels, vb.pp("proj_out"))?,
+            proj_out: projection(vb.pp("proj_out"), p.channels, p.linear_projection)?,
         })
     }
 

@@ -3,6 +3,9 @@
 //! SDXL conditions on the **penultimate** hidden states of both encoders (`hidden_states[-2]`, before
 //! the last layer and without the final layer norm), and on encoder 2's pooled projection
 //! (`text_projection(final_layer_norm(last)[eos])`). Encoder 1's last layer is therefore never run.
+//! SD 1.x/2.x condition on the one encoder's `last_hidden_state`, after the final layer norm
+//! (`StableDiffusionPipeline.encode_prompt` without `clip_skip`; SD 2.x's "penultimate layer of
+//! OpenCLIP ViT-H" is that, because its converted encoder was saved with the last layer removed).
 //! Weights are read with or without the `text_model.` prefix: hub checkpoints written before
 //! transformers 5 carry it on `CLIPTextModel`, newer ones do not. Tokenization lives in `tokenizer.rs`.
 
@@ -78,10 +81,21 @@ impl EncoderLayer {
     }
 }
 
-/// What SDXL takes from one encoder.
+/// Which of an encoder's outputs a pipeline conditions on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipOutput {
+    /// `hidden_states[-2]` (SDXL's `text_encoder`).
+    Penultimate,
+    /// `hidden_states[-2]` and the pooled projection (SDXL's `text_encoder_2`).
+    PenultimateAndPooled,
+    /// `final_layer_norm(last hidden state)` (SD 1.x/2.x).
+    LastHidden,
+}
+
+/// What a pipeline takes from one encoder.
 pub struct TextEncoding {
-    /// `hidden_states[-2]`: `(B, L, hidden)`.
-    pub penultimate: Tensor,
+    /// `(B, L, hidden)`: the states [`ClipOutput`] names.
+    pub hidden: Tensor,
     /// `text_projection(final_layer_norm(last_hidden)[eos])`: `(B, projection_dim)`, when asked for.
     pub pooled: Option<Tensor>,
 }
@@ -92,13 +106,15 @@ pub struct ClipTextEncoder {
     layers: Vec<EncoderLayer>,
     final_layer_norm: Option<LayerNorm>,
     text_projection: Option<Linear>,
+    output: ClipOutput,
     eos_token_id: u32,
     device: Device,
 }
 
 impl ClipTextEncoder {
-    /// `with_projection` loads `text_projection` (encoder 2) and the final layer norm for pooling.
-    pub fn load(vb: VarBuilder, c: &ClipConfig, with_projection: bool) -> Result<Self> {
+    /// Loads what `output` needs: the final layer norm for pooling or the last hidden state, and
+    /// `text_projection` for pooling.
+    pub fn load(vb: VarBuilder, c: &ClipConfig, output: ClipOutput) -> Result<Self> {
         let root = vb.clone();
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
@@ -109,19 +125,15 @@ impl ClipTextEncoder {
         let layers = (0..c.num_hidden_layers)
             .map(|i| EncoderLayer::load(vb.pp(format!("encoder.layers.{i}")), c))
             .collect::<Result<Vec<_>>>()?;
-        let (final_layer_norm, text_projection) = if with_projection {
-            let proj_dim = c.projection_dim.unwrap_or(d);
-            (
-                Some(candle_nn::layer_norm(
-                    d,
-                    c.layer_norm_eps,
-                    vb.pp("final_layer_norm"),
-                )?),
-                Some(linear_no_bias(d, proj_dim, root.pp("text_projection"))?),
-            )
-        } else {
-            (None, None)
-        };
+        let final_layer_norm = (output != ClipOutput::Penultimate)
+            .then(|| candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("final_layer_norm")))
+            .transpose()?;
+        let text_projection = (output == ClipOutput::PenultimateAndPooled)
+            .then(|| {
+                let proj_dim = c.projection_dim.unwrap_or(d);
+                linear_no_bias(d, proj_dim, root.pp("text_projection"))
+            })
+            .transpose()?;
         Ok(Self {
             token_embedding: candle_nn::embedding(
                 c.vocab_size,
@@ -136,6 +148,7 @@ impl ClipTextEncoder {
             layers,
             final_layer_norm,
             text_projection,
+            output,
             eos_token_id: c.eos_token_id,
             device: vb.device().clone(),
         })
@@ -153,22 +166,23 @@ impl ClipTextEncoder {
             .forward(&input)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(len, &self.device)?;
-        let pooled_wanted = self.text_projection.is_some();
         let n = self.layers.len();
         let mut penultimate = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            if i + 1 == n {
+            if i + 1 == n && self.output != ClipOutput::LastHidden {
                 penultimate = Some(x.clone());
-                if !pooled_wanted {
+                if self.output == ClipOutput::Penultimate {
                     break;
                 }
             }
             x = layer.forward(&x, &mask)?;
         }
-        let penultimate = penultimate.unwrap_or_else(|| x.clone());
-        let pooled = match (&self.final_layer_norm, &self.text_projection) {
-            (Some(norm), Some(proj)) => {
-                let last = norm.forward(&x)?;
+        let last = match &self.final_layer_norm {
+            Some(norm) if self.output != ClipOutput::Penultimate => Some(norm.forward(&x)?),
+            _ => None,
+        };
+        let pooled = match (&last, &self.text_projection) {
+            (Some(last), Some(proj)) => {
                 let rows = ids
                     .iter()
                     .enumerate()
@@ -178,10 +192,12 @@ impl ClipTextEncoder {
             }
             _ => None,
         };
-        Ok(TextEncoding {
-            penultimate,
-            pooled,
-        })
+        let hidden = match self.output {
+            ClipOutput::LastHidden => last.unwrap_or(x),
+            // A one-layer encoder's penultimate state is its input embedding.
+            _ => penultimate.unwrap_or(x),
+        };
+        Ok(TextEncoding { hidden, pooled })
     }
 
     /// transformers `CLIPTextTransformer`: configs with the legacy `eos_token_id == 2` pool at

@@ -4,7 +4,8 @@
 //! Counted: every convolution, linear layer and attention matmul (2 FLOPs per multiply-add).
 //! Not counted: norms, activations, additions, the time/text embeddings (well under 1%). Checked in
 //! the tests against the figures in docs/model-notes.md §1 (SSD-1B 4.21, SDXL 6.76, Vega 2.82 TFLOP per UNet
-//! forward at 1024², SDXL VAE decode 10.5 TFLOP).
+//! forward at 1024², SDXL VAE decode 10.5 TFLOP) and torch's own count (`scripts/parity/flops.py`) for
+//! SD 1.5 and SD 2.1. A 1×1-convolution projection (SD 1.x) costs what the linear one does.
 
 use super::config::{BlockKind, LayerConfig, MidBlock, UNetConfig, VaeConfig};
 
@@ -165,6 +166,42 @@ mod tests {
             "\"UNetMidBlock2D\"",
         );
         close(unet_flops(&vega, 128, 128, 77), 2.82);
+    }
+
+    /// torch 2.15 `FlopCounterMode` on the full-size configs (`scripts/parity/flops.py`): SD 1.5 UNet
+    /// at 512² 0.8033 TFLOP, SD 2.1 UNet at 768² 2.1491, the SD VAE decode at 512² 2.5145 and at
+    /// 768² 5.7543.
+    #[test]
+    fn sd_unet_and_vae_costs_match_torchs_count() {
+        let sd = |heads: &str, cross: usize, linear: bool| {
+            let json = format!(
+                r#"{{"attention_head_dim": {heads}, "block_out_channels": [320, 640, 1280, 1280],
+                "cross_attention_dim": {cross},
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                "layers_per_block": 2, "sample_size": 64, "use_linear_projection": {linear}}}"#
+            );
+            UNetConfig::from_file(&ConfigFile::parse(Path::new("unet/config.json"), &json).unwrap())
+                .unwrap()
+        };
+        close(unet_flops(&sd("8", 768, false), 64, 64, 77), 0.8033);
+        close(
+            unet_flops(&sd("[5, 10, 20, 20]", 1024, true), 96, 96, 77),
+            2.1491,
+        );
+        let vae = sd_vae();
+        close(vae_decode_flops(&vae, 64, 64), 2.5145);
+        close(vae_decode_flops(&vae, 96, 96), 5.7543);
+    }
+
+    fn sd_vae() -> VaeConfig {
+        let json = r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+            "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, json).unwrap();
+        VaeConfig::load(&path).unwrap()
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! The SDXL-family text-to-image pipeline: `Pipeline::load` reads a diffusers folder,
+//! The text-to-image pipeline of the SD and SDXL families: `Pipeline::load` reads a diffusers folder,
 //! `Pipeline::render` turns a batch of prompts into images.
 //!
 //! `render` reads `encode_prompts → initial_latents → denoise → decode → to_images`, reproducing
-//! diffusers' `StableDiffusionXLPipeline.__call__` on the same weights, latents and scheduler (the
+//! diffusers' `StableDiffusionXLPipeline.__call__` (SDXL, SSD-1B, Vega) or
+//! `StableDiffusionPipeline.__call__` (SD 1.x/2.x) on the same weights, latents and scheduler (the
 //! parity tests hold it to that). A batch shares size, steps, sampler and guidance; each image has its
 //! own prompt, negative prompt and seed. This module owns no threads and knows nothing of queues,
 //! files or image formats.
@@ -15,6 +16,7 @@ pub mod cost;
 pub mod denoise;
 mod norm;
 pub mod ops;
+pub mod prompt;
 pub mod runner;
 pub mod scheduler;
 pub mod tokenizer;
@@ -22,7 +24,6 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
-use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,16 +33,16 @@ use candle_nn::VarBuilder;
 use image::RgbImage;
 
 pub use batch::{ImageSpec, PhaseTimings, RenderBatch, Rendered};
-pub use config::{ClipConfig, ModelIndex, UNetConfig, VaeConfig};
+pub use config::{ClipConfig, Family, ModelIndex, UNetConfig, VaeConfig};
 pub use denoise::StepProgress;
+pub use prompt::PromptEmbeddings;
 pub use scheduler::{SchedulerConfig, SchedulerKind};
 pub use weights::{ComponentLoad, ModelSourceError, Variant};
 
-use clip::ClipTextEncoder;
 use denoise::{DenoiseError, DenoiseInputs, SeededNoise};
+use prompt::{TextEncoders, TextPlan};
 pub use scheduler::NoiseSource;
-use tokenizer::ClipTokenizer;
-use unet::UNet;
+use unet::{TextTimeInputs, UNet};
 use vae::VaeDecoder;
 
 /// Failures of the pipeline, by the step that failed.
@@ -65,6 +66,8 @@ pub enum PipelineError {
     Tokenize(tokenizers::Error),
     #[error("encoding prompts: {0}")]
     EncodePrompt(candle_core::Error),
+    #[error("sampler {0}")]
+    Sampler(String),
     #[error("latents: {0}")]
     Latents(String),
     #[error("denoising step {step}: {source}")]
@@ -95,22 +98,10 @@ pub struct LoadOptions {
     pub variant: Variant,
 }
 
-/// Prompt embeddings for a list of texts.
-pub struct PromptEmbeddings {
-    /// `(N, 77, D1 + D2)`: penultimate hidden states of both encoders, concatenated.
-    pub context: Tensor,
-    /// `(N, projection_dim)`: encoder 2's pooled projection.
-    pub pooled: Tensor,
-    pub truncated: Vec<bool>,
-}
-
 pub struct Pipeline {
     root: PathBuf,
     index: ModelIndex,
-    tokenizer_1: ClipTokenizer,
-    tokenizer_2: ClipTokenizer,
-    text_encoder_1: ClipTextEncoder,
-    text_encoder_2: ClipTextEncoder,
+    text: TextEncoders,
     unet: UNet,
     vae: VaeDecoder,
     vae_config: VaeConfig,
@@ -127,8 +118,7 @@ impl Pipeline {
         ops::profile::enable_from_env();
         let index = ModelIndex::load(root)?;
         let unet_config = UNetConfig::load(&root.join("unet/config.json"))?;
-        let te1_config = ClipConfig::load(&root.join("text_encoder/config.json"))?;
-        let te2_config = ClipConfig::load(&root.join("text_encoder_2/config.json"))?;
+        let text_plan = TextPlan::load(root, &index)?;
         let vae_config = VaeConfig::load(&root.join("vae/config.json"))?;
         let scheduler_path = root.join("scheduler/scheduler_config.json");
         let scheduler_config = if scheduler_path.exists() {
@@ -136,20 +126,18 @@ impl Pipeline {
         } else {
             SchedulerConfig::sdxl_default()
         };
-        let tokenizer_1 =
-            ClipTokenizer::load(&root.join("tokenizer"), te1_config.max_position_embeddings)?;
-        let tokenizer_2 = ClipTokenizer::load(
-            &root.join("tokenizer_2"),
-            te2_config.max_position_embeddings,
-        )?;
-        let cross = te1_config.hidden_size + te2_config.hidden_size;
-        if unet_config.cross_attention_dim != cross {
+        prompt::check_context_width(root, &text_plan, unet_config.cross_attention_dim)?;
+        if (unet_config.text_time.is_some()) != (index.family == Family::Sdxl) {
             return Err(config::ConfigError::Key {
                 path: root.join("unet/config.json"),
-                key: "cross_attention_dim".into(),
+                key: "addition_embed_type".into(),
                 message: format!(
-                    "is {} but the text encoders' hidden sizes sum to {cross}",
-                    unet_config.cross_attention_dim
+                    "a {} needs {}",
+                    index.class_name,
+                    match index.family {
+                        Family::Sdxl => "\"text_time\" conditioning",
+                        Family::Sd => "none (it has no pooled text embedding)",
+                    }
                 ),
             }
             .into());
@@ -197,20 +185,21 @@ impl Pipeline {
             })
         };
         let load_others = || {
-            let te1 = build(vb("text_encoder", "model", dtype)?, "text_encoder", |v| {
-                ClipTextEncoder::load(v, &te1_config, false)
-            })?;
-            let te2 = build(
-                vb("text_encoder_2", "model", dtype)?,
-                "text_encoder_2",
-                |v| ClipTextEncoder::load(v, &te2_config, true),
-            )?;
+            let mut encoders = Vec::new();
+            let mut reports = Vec::new();
+            for (i, (folder, _)) in text_plan.components().into_iter().enumerate() {
+                let (encoder, report) = build(vb(folder, "model", dtype)?, folder, |v| {
+                    text_plan.build_encoder(i, v)
+                })?;
+                encoders.push(encoder);
+                reports.push(report);
+            }
             let vae = build(
                 vb("vae", "diffusion_pytorch_model", vae_dtype)?,
                 "vae",
                 |v| VaeDecoder::load(v, &vae_config),
             )?;
-            Ok::<_, PipelineError>((te1, te2, vae))
+            Ok::<_, PipelineError>((encoders, reports, vae))
         };
         // On CPU the UNet (over half of the bytes) loads on a thread of its own while the text
         // encoders and the VAE load here: reading and building tensors is memory-bound copying
@@ -228,16 +217,13 @@ impl Pipeline {
         } else {
             (load_unet(), load_others())
         };
-        let ((unet, unet_load), ((text_encoder_1, te1), (text_encoder_2, te2), (vae, vae_load))) =
-            (unet?, others?);
-        let load_report = vec![te1, te2, unet_load, vae_load];
+        let ((unet, unet_load), (encoders, mut load_report, (vae, vae_load))) = (unet?, others?);
+        load_report.extend([unet_load, vae_load]);
+        let text = text_plan.into_encoders(encoders, index.force_zeros_for_empty_prompt);
         Ok(Self {
             root: root.to_path_buf(),
             index,
-            tokenizer_1,
-            tokenizer_2,
-            text_encoder_1,
-            text_encoder_2,
+            text,
             unet,
             vae,
             vae_config,
@@ -297,102 +283,35 @@ impl Pipeline {
             .unwrap_or(SchedulerKind::Euler)
     }
 
-    /// Token ids of both tokenizers for one prompt.
-    pub fn tokenize(
-        &self,
-        text: &str,
-    ) -> Result<(tokenizer::Tokens, tokenizer::Tokens), PipelineError> {
-        let a = self
-            .tokenizer_1
-            .encode(text)
-            .map_err(PipelineError::Tokenize)?;
-        let b = self
-            .tokenizer_2
-            .encode(text)
-            .map_err(PipelineError::Tokenize)?;
-        Ok((a, b))
+    /// The model family and what its `model_index.json` says.
+    pub fn index(&self) -> &ModelIndex {
+        &self.index
+    }
+
+    /// What the model contributes to a job that leaves fields out: its native size, its shipped
+    /// sampler, diffusers' guidance default for its pipeline class
+    /// (`StableDiffusionXLPipeline.__call__`: 5.0, `StableDiffusionPipeline.__call__`: 7.5).
+    pub fn model_defaults(&self) -> crate::job::ModelDefaults {
+        crate::job::ModelDefaults {
+            size: self.default_size() as u32,
+            scheduler: self.default_scheduler(),
+            guidance_scale: match self.index.family {
+                Family::Sdxl => 5.0,
+                Family::Sd => 7.5,
+            },
+            unsupported_scheduler: self.scheduler_config.unsupported(),
+            ..crate::job::ModelDefaults::default()
+        }
+    }
+
+    /// Token ids of every tokenizer for one prompt, in encoder order.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<tokenizer::Tokens>, PipelineError> {
+        self.text.tokenize(text)
     }
 
     /// diffusers `encode_prompt` for a list of texts, without CFG handling.
     pub fn encode_prompts(&self, texts: &[&str]) -> Result<PromptEmbeddings, PipelineError> {
-        let mut ids_1 = Vec::with_capacity(texts.len());
-        let mut ids_2 = Vec::with_capacity(texts.len());
-        let mut truncated = Vec::with_capacity(texts.len());
-        for t in texts {
-            let (a, b) = self.tokenize(t)?;
-            truncated.push(a.truncated || b.truncated);
-            ids_1.push(a.ids);
-            ids_2.push(b.ids);
-        }
-        let e = PipelineError::EncodePrompt;
-        let out_1 = self.text_encoder_1.forward(&ids_1).map_err(e)?;
-        let out_2 = self.text_encoder_2.forward(&ids_2).map_err(e)?;
-        let context = Tensor::cat(&[&out_1.penultimate, &out_2.penultimate], 2).map_err(e)?;
-        let pooled = out_2.pooled.ok_or_else(|| {
-            PipelineError::EncodePrompt(candle_core::Error::Msg("no pooled output".into()))
-        })?;
-        Ok(PromptEmbeddings {
-            context,
-            pooled,
-            truncated,
-        })
-    }
-
-    /// Context and pooled embeddings for the whole CFG batch, `[negatives ; positives]` (positives
-    /// only without guidance). Each distinct text is encoded once.
-    fn encode_batch(
-        &self,
-        batch: &RenderBatch,
-    ) -> Result<(Tensor, Tensor, Vec<bool>), PipelineError> {
-        let guided = denoise::uses_guidance(batch.guidance_scale);
-        let force_zeros = self.index.force_zeros_for_empty_prompt;
-        // Which text each row needs; None = a zero row.
-        let mut rows: Vec<Option<&str>> = Vec::new();
-        if guided {
-            for img in &batch.images {
-                rows.push(match (&img.negative_prompt, force_zeros) {
-                    (Some(n), _) => Some(n.as_str()),
-                    (None, true) => None,
-                    (None, false) => Some(""),
-                });
-            }
-        }
-        rows.extend(batch.images.iter().map(|i| Some(i.prompt.as_str())));
-        let mut unique: Vec<&str> = Vec::new();
-        let mut slot: HashMap<&str, usize> = HashMap::new();
-        for text in rows.iter().flatten() {
-            slot.entry(text).or_insert_with(|| {
-                unique.push(text);
-                unique.len() - 1
-            });
-        }
-        let emb = self.encode_prompts(&unique)?;
-        let e = PipelineError::EncodePrompt;
-        let zero_ctx = emb.context.get(0).and_then(|t| t.zeros_like()).map_err(e)?;
-        let zero_pool = emb.pooled.get(0).and_then(|t| t.zeros_like()).map_err(e)?;
-        let mut ctx_rows = Vec::with_capacity(rows.len());
-        let mut pool_rows = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match row {
-                Some(text) => {
-                    let i = slot[text];
-                    ctx_rows.push(emb.context.get(i).map_err(e)?);
-                    pool_rows.push(emb.pooled.get(i).map_err(e)?);
-                }
-                None => {
-                    ctx_rows.push(zero_ctx.clone());
-                    pool_rows.push(zero_pool.clone());
-                }
-            }
-        }
-        let context = Tensor::stack(&ctx_rows, 0).map_err(e)?;
-        let pooled = Tensor::stack(&pool_rows, 0).map_err(e)?;
-        let truncated = batch
-            .images
-            .iter()
-            .map(|i| emb.truncated[slot[i.prompt.as_str()]])
-            .collect();
-        Ok((context, pooled, truncated))
+        self.text.encode_prompts(texts)
     }
 
     /// Initial noise from each image's seed, or the caller's latents after a shape check.
@@ -453,19 +372,22 @@ impl Pipeline {
         let mut timings = PhaseTimings::default();
         let t0 = Instant::now();
         let phase = ops::profile::phase(ops::profile::Phase::TextEncode);
-        let (context, pooled, truncated) = self.encode_batch(batch)?;
-        let guided = denoise::uses_guidance(batch.guidance_scale);
-        let rows = if guided {
-            2 * batch.images.len()
-        } else {
-            batch.images.len()
-        };
+        let prompt::BatchEmbeddings {
+            context,
+            pooled,
+            truncated,
+        } = self.text.encode_batch(batch)?;
+        let rows = context.dim(0).map_err(PipelineError::EncodePrompt)?;
         let (h, w) = (batch.height as f64, batch.width as f64);
-        // Micro-conditioning: original size = target size = (H, W), crop (0, 0) (diffusers defaults).
+        // SDXL micro-conditioning: original size = target size = (H, W), crop (0, 0) (diffusers defaults).
         let time_ids = vec![[h, w, 0.0, 0.0, h, w]; rows];
+        let text_time = pooled.as_ref().map(|pooled| TextTimeInputs {
+            pooled,
+            time_ids: &time_ids,
+        });
         let conditioning = self
             .unet
-            .conditioning(&pooled, &time_ids)
+            .conditioning(rows, text_time)
             .map_err(PipelineError::EncodePrompt)?;
         // Device work is asynchronous on CUDA/Metal: synchronise so phase timings mean something.
         self.device
@@ -477,6 +399,11 @@ impl Pipeline {
         drop(phase);
         let phase = ops::profile::phase(ops::profile::Phase::Denoise);
         let latents = self.initial_latents(batch, noise)?;
+        if let Some((kind, why)) = self.scheduler_config.unsupported()
+            && kind == batch.scheduler
+        {
+            return Err(PipelineError::Sampler(format!("{kind}: {why}")));
+        }
         let mut sampler = scheduler::build(batch.scheduler, &self.scheduler_config, batch.steps);
         let inputs = DenoiseInputs {
             latents,
@@ -496,7 +423,7 @@ impl Pipeline {
                 source,
             })?;
         timings.denoise = t1.elapsed();
-        timings.steps = batch.steps;
+        timings.steps = batch.scheduler.unet_evaluations(batch.steps);
 
         let t2 = Instant::now();
         drop(phase);

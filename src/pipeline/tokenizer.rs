@@ -1,4 +1,4 @@
-//! CLIP BPE tokenizers, built from the files SDXL-family repos actually ship.
+//! CLIP BPE tokenizers, built from the files SD and SDXL repos actually ship.
 //!
 //! Hub repos ship `vocab.json` + `merges.txt` + `special_tokens_map.json` + `tokenizer_config.json` and
 //! usually no `tokenizer.json`. We assemble the same tokenizer transformers' `CLIPTokenizer` builds

@@ -1,10 +1,11 @@
-//! The SDXL-family UNet (`UNet2DConditionModel` with `text_time` conditioning), built from
-//! `UNetConfig` so that SDXL's symmetric blocks, SSD-1B's asymmetric up blocks and resnet-only mid
-//! block, and Vega's per-layer depths all come from the same code.
+//! The UNet (`UNet2DConditionModel`), built from `UNetConfig` so that SD 1.x's four levels and
+//! convolution projections, SD 2.x's per-level heads, SDXL's symmetric blocks, SSD-1B's asymmetric up
+//! blocks and resnet-only mid block, and Vega's per-layer depths all come from the same code.
 //!
-//! One call predicts the noise for a whole CFG batch at one timestep. The conditioning that does not
-//! change across denoising steps (pooled text + micro-conditioning time ids → `add_embedding`) is
-//! computed once per batch by [`UNet::conditioning`]; [`UNet::forward`] adds the timestep part.
+//! One call predicts the noise for a whole CFG batch at one timestep. The SDXL family's conditioning
+//! that does not change across denoising steps (pooled text + micro-conditioning time ids →
+//! `add_embedding`) is computed once per batch by [`UNet::conditioning`]; [`UNet::forward`] adds the
+//! timestep part. SD 1.x/2.x UNets have no added conditioning.
 //! Sinusoids are computed on the host in f32 as diffusers' `get_timestep_embedding` does (in f16 they
 //! are off by up to 0.27, docs/model-notes.md §1) and only then cast to the model dtype.
 
@@ -15,9 +16,10 @@ use super::blocks::{Linear, linear};
 
 pub use super::blocks::TextContext;
 use super::blocks::{
-    Conv, Downsample2D, ResnetBlock2D, ResnetParams, Transformer2D, Upsample2D, conv3x3,
+    Conv, Downsample2D, ResnetBlock2D, ResnetParams, Transformer2D, TransformerParams, Upsample2D,
+    conv3x3,
 };
-use super::config::{BlockKind, LayerConfig, MidBlock, UNetConfig};
+use super::config::{BlockKind, LayerConfig, MidBlock, TextTimeConfig, UNetConfig};
 
 /// diffusers `get_timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift)` with
 /// `max_period = 10000`, in f32 like PyTorch. Returns `values.len() × dim` row-major.
@@ -133,11 +135,14 @@ fn transformer(
 ) -> Result<Transformer2D> {
     Transformer2D::load(
         vb,
-        channels,
-        heads,
-        depth,
-        c.cross_attention_dim,
-        c.norm_num_groups,
+        &TransformerParams {
+            channels,
+            heads,
+            depth,
+            context_dim: c.cross_attention_dim,
+            groups: c.norm_num_groups,
+            linear_projection: c.use_linear_projection,
+        },
     )
 }
 
@@ -175,16 +180,26 @@ fn load_layers(
         .collect()
 }
 
-/// Step-invariant conditioning for one batch: `add_embedding([pooled ; sinusoid(time_ids)])`.
+/// Step-invariant conditioning for one batch of `rows` UNet inputs: SDXL's
+/// `add_embedding([pooled ; sinusoid(time_ids)])`, nothing for SD 1.x/2.x.
 pub struct Conditioning {
-    aug_emb: Tensor,
+    aug_emb: Option<Tensor>,
+    rows: usize,
+}
+
+/// What the SDXL family's added conditioning is made from, per UNet input row.
+pub struct TextTimeInputs<'a> {
+    /// `(rows, pooled_dim)`: encoder 2's pooled projection.
+    pub pooled: &'a Tensor,
+    /// `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]` per row.
+    pub time_ids: &'a [[f64; 6]],
 }
 
 pub struct UNet {
     config: UNetConfig,
     conv_in: Conv,
     time_embedding: Mlp,
-    add_embedding: Mlp,
+    add_embedding: Option<(Mlp, TextTimeConfig)>,
     down: Vec<DownBlock>,
     mid: Mid,
     up: Vec<UpBlock>,
@@ -244,11 +259,17 @@ impl UNet {
         Ok(Self {
             conv_in: conv3x3(vb.pp("conv_in"), c.in_channels, c0, 1)?,
             time_embedding: Mlp::load(vb.pp("time_embedding"), c0, temb)?,
-            add_embedding: Mlp::load(
-                vb.pp("add_embedding"),
-                c.projection_class_embeddings_input_dim,
-                temb,
-            )?,
+            add_embedding: c
+                .text_time
+                .map(|tt| {
+                    Mlp::load(
+                        vb.pp("add_embedding"),
+                        tt.projection_class_embeddings_input_dim,
+                        temb,
+                    )
+                    .map(|mlp| (mlp, tt))
+                })
+                .transpose()?,
             down,
             mid,
             up,
@@ -283,41 +304,72 @@ impl UNet {
         self.time_embedding.forward(&emb)
     }
 
-    /// The `text_time` embedding: `pooled` is `(B, pooled_dim)`, `time_ids` one `[orig_h, orig_w,
-    /// crop_top, crop_left, target_h, target_w]` row per batch entry.
-    pub fn conditioning(&self, pooled: &Tensor, time_ids: &[[f64; 6]]) -> Result<Conditioning> {
+    /// The step-invariant conditioning of `rows` UNet inputs. SDXL-family UNets need `text_time`
+    /// (one pooled row and one time-id row per input); SD 1.x/2.x UNets take none and refuse one.
+    pub fn conditioning(
+        &self,
+        rows: usize,
+        text_time: Option<TextTimeInputs<'_>>,
+    ) -> Result<Conditioning> {
+        let aug_emb = match (&self.add_embedding, text_time) {
+            (None, None) => None,
+            (Some((mlp, tt)), Some(inputs)) => Some(self.text_time(mlp, tt, rows, inputs)?),
+            (Some(_), None) => {
+                candle_core::bail!(
+                    "this UNet needs `text_time` conditioning (pooled text, time ids)"
+                )
+            }
+            (None, Some(_)) => candle_core::bail!(
+                "unet/config.json has no `addition_embed_type`: this UNet takes no pooled text"
+            ),
+        };
+        Ok(Conditioning { aug_emb, rows })
+    }
+
+    fn text_time(
+        &self,
+        mlp: &Mlp,
+        tt: &TextTimeConfig,
+        rows: usize,
+        TextTimeInputs { pooled, time_ids }: TextTimeInputs<'_>,
+    ) -> Result<Tensor> {
         let c = &self.config;
+        if time_ids.len() != rows || pooled.dim(0)? != rows {
+            candle_core::bail!(
+                "text_time conditioning for {rows} rows got {} pooled rows and {} time-id rows",
+                pooled.dim(0)?,
+                time_ids.len()
+            );
+        }
         let flat: Vec<f32> = time_ids.iter().flatten().map(|&v| v as f32).collect();
         // add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift).
         let emb = sinusoids(
             &flat,
-            c.addition_time_embed_dim,
+            tt.addition_time_embed_dim,
             c.flip_sin_to_cos,
             c.freq_shift as f32,
         );
-        let width = 6 * c.addition_time_embed_dim;
+        let width = 6 * tt.addition_time_embed_dim;
         let time =
             Tensor::from_vec(emb, (time_ids.len(), width), &self.device)?.to_dtype(self.dtype)?;
         let pooled = pooled.to_dtype(self.dtype)?;
-        let expected = c.projection_class_embeddings_input_dim;
+        let expected = tt.projection_class_embeddings_input_dim;
         let got = pooled.dim(1)? + width;
         if got != expected {
             candle_core::bail!(
                 "unet/config.json projection_class_embeddings_input_dim is {expected} but the pooled text \
                  embedding ({}) plus 6 time ids × {} give {got}",
                 pooled.dim(1)?,
-                c.addition_time_embed_dim
+                tt.addition_time_embed_dim
             );
         }
         let input = Tensor::cat(&[&pooled, &time], 1)?;
-        Ok(Conditioning {
-            aug_emb: self.add_embedding.forward(&input)?,
-        })
+        mlp.forward(&input)
     }
 
-    /// Raw `add_embedding` output, for parity tests.
-    pub fn conditioning_tensor(cond: &Conditioning) -> &Tensor {
-        &cond.aug_emb
+    /// Raw `add_embedding` output (`None` without `text_time`), for parity tests.
+    pub fn conditioning_tensor(cond: &Conditioning) -> Option<&Tensor> {
+        cond.aug_emb.as_ref()
     }
 
     /// Predicts the noise: `sample` `(B, 4, h, w)` at `timestep`, `context` `(B, 77, cross_dim)`.
@@ -349,9 +401,19 @@ impl UNet {
         cond: &Conditioning,
     ) -> Result<Tensor> {
         let sample = sample.to_dtype(self.dtype)?;
-        let emb = self
-            .time_embedding(&[timestep])?
-            .broadcast_add(&cond.aug_emb)?;
+        let rows = sample.dim(0)?;
+        if rows != cond.rows {
+            candle_core::bail!(
+                "conditioning made for {} rows, sample has {rows}",
+                cond.rows
+            );
+        }
+        let time = self.time_embedding(&[timestep])?;
+        // One embedding row per input: the resnets add it per batch entry.
+        let emb = match &cond.aug_emb {
+            Some(aug) => time.broadcast_add(aug)?,
+            None => time.broadcast_as((rows, time.dim(1)?))?.contiguous()?,
+        };
         // Every resnet applies SiLU to the embedding first; do it once.
         let temb = emb.silu()?;
 

@@ -150,11 +150,7 @@ async fn warm_up(cfg: &WorkerConfig) -> Result<(Runner, ModelDefaults, candle_co
     .await?
     .with_context(|| format!("loading model {}", cfg.model.spec))?;
     tracing::info!(model = %cfg.model.spec, load_s = loaded.load_time.as_secs_f64(), "model warm");
-    let defaults = ModelDefaults {
-        size: loaded.pipeline.default_size() as u32,
-        scheduler: loaded.pipeline.default_scheduler(),
-        ..ModelDefaults::default()
-    };
+    let defaults = loaded.pipeline.model_defaults();
     let device = loaded.pipeline.device().clone();
     let (runner, _thread) = Runner::spawn(loaded.pipeline).context("starting the render thread")?;
     Ok((runner, defaults, device))

@@ -6,6 +6,7 @@ use std::ops::ControlFlow;
 
 use candle_core::{DType, Device, Tensor};
 use t2i_worker::pipeline::scheduler::SchedulerKind;
+use t2i_worker::pipeline::unet::TextTimeInputs;
 use t2i_worker::pipeline::{ImageSpec, RenderBatch, Variant};
 
 use crate::support::{MODELS, load_pipeline, max_abs_diff};
@@ -27,7 +28,19 @@ fn every_stage_computes_an_entry_as_it_would_alone() {
         let both = p.encode_prompts(&PROMPTS).unwrap();
         // SDXL's micro-conditioning of a 64² render: original size, crop, target size.
         let ids = [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]; 2];
-        let cond = p.unet().conditioning(&both.pooled, &ids).unwrap();
+        let text_time = |pooled: &Option<Tensor>, ids: &[[f64; 6]]| {
+            let pooled = pooled.as_ref().expect("SDXL pools").clone();
+            p.unet()
+                .conditioning(
+                    ids.len(),
+                    Some(TextTimeInputs {
+                        pooled: &pooled,
+                        time_ids: ids,
+                    }),
+                )
+                .unwrap()
+        };
+        let cond = text_time(&both.pooled, &ids);
         let (b, c, h, w) = (2, 4, 8, 8);
         let data: Vec<f32> = (0..b * c * h * w)
             .map(|i| (i as f32 * 0.7123).sin() * 1.3)
@@ -41,13 +54,20 @@ fn every_stage_computes_an_entry_as_it_would_alone() {
         for (i, prompt) in PROMPTS.iter().enumerate() {
             let alone = p.encode_prompts(&[prompt]).unwrap();
             exact(&format!("{name} context"), &both.context, i, &alone.context);
-            exact(&format!("{name} pooled"), &both.pooled, i, &alone.pooled);
-            let cond_alone = p.unet().conditioning(&alone.pooled, &ids[..1]).unwrap();
+            let pooled = |e: &t2i_worker::pipeline::PromptEmbeddings| e.pooled.clone().unwrap();
+            exact(
+                &format!("{name} pooled"),
+                &pooled(&both),
+                i,
+                &pooled(&alone),
+            );
+            let cond_alone = text_time(&alone.pooled, &ids[..1]);
+            let aug = |c| t2i_worker::pipeline::unet::UNet::conditioning_tensor(c).unwrap();
             exact(
                 &format!("{name} add_embedding"),
-                t2i_worker::pipeline::unet::UNet::conditioning_tensor(&cond),
+                aug(&cond),
                 i,
-                t2i_worker::pipeline::unet::UNet::conditioning_tensor(&cond_alone),
+                aug(&cond_alone),
             );
             let out_alone = p
                 .unet()

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::support::{Reference, fixtures, max_abs_diff, model_dir};
 
-fn t2i(args: &[&str]) -> Output {
+pub(crate) fn t2i(args: &[&str]) -> Output {
     t2i_env(args, &[])
 }
 
@@ -24,16 +24,16 @@ fn t2i_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("running t2i")
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn path_str(p: &Path) -> &str {
+pub(crate) fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
 /// Saves a reference latents tensor as `--latents` expects it.
-fn latents_file(dir: &Path, r: &Reference, case: &str) -> PathBuf {
+pub(crate) fn latents_file(dir: &Path, r: &Reference, case: &str) -> PathBuf {
     let path = dir.join(format!("{case}.safetensors"));
     let t = r.get(&format!("{case}.latents")).clone();
     candle_core::safetensors::save(
@@ -44,7 +44,7 @@ fn latents_file(dir: &Path, r: &Reference, case: &str) -> PathBuf {
     path
 }
 
-fn read_png(path: &Path) -> (Tensor, Vec<(String, String)>) {
+pub(crate) fn read_png(path: &Path) -> (Tensor, Vec<(String, String)>) {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
     let mut reader = decoder.read_info().unwrap();
     let mut buf = vec![0; reader.output_buffer_size().unwrap()];

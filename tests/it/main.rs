@@ -1,8 +1,8 @@
 //! The one integration-test binary (candle makes every extra test binary slow to link).
 //!
 //! * `batching`: every stage and a whole render bit-identical whatever the batch (CPU).
-//! * `parity`: the pipeline against diffusers' own tensors on tiny random-weight models
-//!   (`tests/fixtures/`, built by `scripts/parity/make_fixtures.py`).
+//! * `parity`, `parity_sd`: the pipeline against diffusers' own tensors on tiny random-weight models
+//!   (`tests/fixtures/`, built by `scripts/parity/make_fixtures.py` and `make_sd_fixtures.py`).
 //! * `cli`: `t2i generate` through the real binary.
 //! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness).
 //! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
@@ -22,6 +22,7 @@ mod gateway;
 mod guard;
 mod jobs;
 mod parity;
+mod parity_sd;
 mod receivers;
 mod support;
 mod webhooks;

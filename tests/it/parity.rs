@@ -12,6 +12,7 @@ use std::ops::ControlFlow;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use t2i_worker::pipeline::denoise::RecordedNoise;
 use t2i_worker::pipeline::scheduler::{self, SchedulerConfig, SchedulerKind};
+use t2i_worker::pipeline::unet::TextTimeInputs;
 use t2i_worker::pipeline::{ImageSpec, RenderBatch, Variant};
 
 use crate::support::{MODELS, Reference, assert_close, load_pipeline, max_abs_diff, model_dir};
@@ -37,17 +38,24 @@ fn tokenizers_reproduce_transformers_ids_for_every_fixture() {
             .to_vec2::<u32>()
             .unwrap();
         for (i, prompt) in prompts.iter().enumerate() {
-            let (a, b) = p.tokenize(prompt.as_str().unwrap()).unwrap();
-            assert_eq!(a.ids, ids1[i], "{name} tokenizer 1, prompt {prompt}");
-            assert_eq!(b.ids, ids2[i], "{name} tokenizer 2, prompt {prompt}");
+            let tokens = p.tokenize(prompt.as_str().unwrap()).unwrap();
+            assert_eq!(tokens.len(), 2, "{name}: two tokenizers");
+            assert_eq!(
+                tokens[0].ids, ids1[i],
+                "{name} tokenizer 1, prompt {prompt}"
+            );
+            assert_eq!(
+                tokens[1].ids, ids2[i],
+                "{name} tokenizer 2, prompt {prompt}"
+            );
         }
         // The last prompt is longer than 77 tokens and must be reported as truncated.
         let long = prompts.last().unwrap().as_str().unwrap();
         assert!(
-            p.tokenize(long).unwrap().0.truncated,
+            p.tokenize(long).unwrap()[0].truncated,
             "{name}: truncation not reported"
         );
-        assert!(!p.tokenize("a photo of a cat").unwrap().0.truncated);
+        assert!(!p.tokenize("a photo of a cat").unwrap()[0].truncated);
     }
 }
 
@@ -67,7 +75,7 @@ fn text_encoders_match_penultimate_states_and_pooled_projection() {
         assert_close(&format!("{name} context"), &emb.context, &want, MODULE_TOL);
         assert_close(
             &format!("{name} pooled"),
-            &emb.pooled,
+            emb.pooled.as_ref().expect("SDXL pools"),
             r.get("text.pooled"),
             MODULE_TOL,
         );
@@ -82,7 +90,7 @@ fn text_encoders_match_penultimate_states_and_pooled_projection() {
         );
         assert_close(
             &format!("{name} negative pooled"),
-            &neg.pooled,
+            neg.pooled.as_ref().expect("SDXL pools"),
             r.get("encode.negative_pooled"),
             MODULE_TOL,
         );
@@ -114,8 +122,17 @@ fn time_and_text_time_embeddings_match() {
             .iter()
             .map(|row| std::array::from_fn(|i| row[i] as f64))
             .collect();
-        let cond = p.unet().conditioning(r.get("temb.pooled"), &ids).unwrap();
-        let aug = t2i_worker::pipeline::unet::UNet::conditioning_tensor(&cond);
+        let cond = p
+            .unet()
+            .conditioning(
+                ids.len(),
+                Some(TextTimeInputs {
+                    pooled: r.get("temb.pooled"),
+                    time_ids: &ids,
+                }),
+            )
+            .unwrap();
+        let aug = t2i_worker::pipeline::unet::UNet::conditioning_tensor(&cond).expect("text_time");
         assert_close(
             &format!("{name} add_embedding"),
             aug,
@@ -136,7 +153,13 @@ fn unet_conditioning(
         .map(|row| std::array::from_fn(|i| row[i] as f64))
         .collect();
     p.unet()
-        .conditioning(r.get("unet.text_embeds"), &ids)
+        .conditioning(
+            ids.len(),
+            Some(TextTimeInputs {
+                pooled: r.get("unet.text_embeds"),
+                time_ids: &ids,
+            }),
+        )
         .unwrap()
 }
 
@@ -217,12 +240,28 @@ fn scheduler_timesteps_sigmas_and_init_sigma_match_for_every_step_count() {
     let cfg =
         SchedulerConfig::load(&model_dir("ssd-1b-tiny").join("scheduler/scheduler_config.json"))
             .unwrap();
-    for kind in SchedulerKind::ALL {
+    // PNDM came later: its references for this config are in `schedulers-sd` (parity_sd.rs).
+    let kinds = SchedulerKind::ALL
+        .into_iter()
+        .filter(|&k| k != SchedulerKind::Pndm);
+    check_schedules(&r, "", &cfg, kinds);
+}
+
+/// Every step count's timesteps, sigmas and initial noise sigma for `kinds` against the reference
+/// tensors `{prefix}{kind}.{n}.*`.
+pub(crate) fn check_schedules(
+    r: &Reference,
+    prefix: &str,
+    cfg: &SchedulerConfig,
+    kinds: impl Iterator<Item = SchedulerKind>,
+) {
+    for kind in kinds {
         for n in [1usize, 2, 3, 4, 7, 10, 25, 50, 150] {
-            let s = scheduler::build(kind, &cfg, n);
-            let key = format!("{kind}.{n}");
+            let s = scheduler::build(kind, cfg, n);
+            let key = format!("{prefix}{kind}.{n}");
             let want_t = r.get(&format!("{key}.timesteps")).to_vec1::<f64>().unwrap();
             assert_eq!(s.timesteps().len(), want_t.len(), "{key} timestep count");
+            assert_eq!(kind.unet_evaluations(n), want_t.len(), "{key} evaluations");
             for (a, b) in s.timesteps().iter().zip(&want_t) {
                 assert!(
                     (a - b).abs() < 1e-3,
@@ -255,7 +294,7 @@ fn scheduler_timesteps_sigmas_and_init_sigma_match_for_every_step_count() {
 }
 
 /// One pipeline case from the reference JSON, run with the reference's latents (and noise).
-fn run_case(
+pub(crate) fn run_case(
     name: &str,
     case: &serde_json::Value,
     r: &Reference,
@@ -320,14 +359,14 @@ fn run_case(
     }
 }
 
-struct CaseOutput {
-    steps: Vec<Tensor>,
-    images: Vec<image::RgbImage>,
+pub(crate) struct CaseOutput {
+    pub steps: Vec<Tensor>,
+    pub images: Vec<image::RgbImage>,
     #[allow(dead_code)]
     pixels: Option<Tensor>,
 }
 
-fn image_tensor(images: &[image::RgbImage]) -> Tensor {
+pub(crate) fn image_tensor(images: &[image::RgbImage]) -> Tensor {
     let (w, h) = images[0].dimensions();
     let data: Vec<u8> = images
         .iter()
@@ -341,7 +380,7 @@ fn image_tensor(images: &[image::RgbImage]) -> Tensor {
     .unwrap()
 }
 
-fn max_pixel_diff(got: &[image::RgbImage], want: &Tensor) -> f64 {
+pub(crate) fn max_pixel_diff(got: &[image::RgbImage], want: &Tensor) -> f64 {
     let got = image_tensor(got).to_dtype(DType::F32).unwrap();
     max_abs_diff(&got, &want.to_dtype(DType::F32).unwrap())
 }

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 mod unet;
-pub use unet::{BlockKind, DownBlockConfig, LayerConfig, MidBlock, UNetConfig, UpBlockConfig};
+pub use unet::{
+    BlockKind, DownBlockConfig, LayerConfig, MidBlock, TextTimeConfig, UNetConfig, UpBlockConfig,
+};
 
 /// A config file that is missing, malformed, or asks for something this pipeline does not implement.
 #[derive(Debug, thiserror::Error)]
@@ -199,39 +201,91 @@ fn values_equal(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// Which pipeline class a model folder is for: what conditions its UNet and how prompts are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `StableDiffusionXLPipeline` (SDXL, SSD-1B, Vega): two CLIP encoders' penultimate states, the
+    /// second one's pooled projection and `text_time` micro-conditioning.
+    Sdxl,
+    /// `StableDiffusionPipeline` (SD 1.x, 2.x): one CLIP encoder's last hidden state (after its final
+    /// layer norm), nothing else.
+    Sd,
+}
+
+impl Family {
+    /// The text components a pipeline of this family needs, in encoder order.
+    pub fn text_components(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::Sdxl => &[
+                ("text_encoder", "tokenizer"),
+                ("text_encoder_2", "tokenizer_2"),
+            ],
+            Self::Sd => &[("text_encoder", "tokenizer")],
+        }
+    }
+
+    /// How the family is named in metadata and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sdxl => "sdxl",
+            Self::Sd => "sd",
+        }
+    }
+}
+
 /// `model_index.json`: which components the pipeline has, and pipeline-level flags.
 #[derive(Debug, Clone)]
 pub struct ModelIndex {
     pub class_name: String,
+    pub family: Family,
     /// diffusers `StableDiffusionXLPipeline.force_zeros_for_empty_prompt`: with no negative prompt the
-    /// unconditional embeddings are zeros instead of the encoding of "" (true for the SDXL family).
+    /// unconditional embeddings are zeros instead of the encoding of "" (true for the SDXL family;
+    /// `StableDiffusionPipeline` has no such option and always encodes "").
     pub force_zeros_for_empty_prompt: bool,
     /// The scheduler class the model ships (`scheduler: ["diffusers", "EulerDiscreteScheduler"]`).
     pub scheduler_class: Option<String>,
+    /// The folder ships a `safety_checker` (SD 1.x): it is not run, and results say so.
+    pub has_safety_checker: bool,
 }
 
 impl ModelIndex {
     pub(crate) fn load(root: &Path) -> Result<Self, ConfigError> {
-        let cfg = ConfigFile::open(&root.join("model_index.json"))?;
+        Self::from_file(&ConfigFile::open(&root.join("model_index.json"))?)
+    }
+
+    pub(crate) fn from_file(cfg: &ConfigFile) -> Result<Self, ConfigError> {
         let class_name = cfg.str_or("_class_name", "")?.to_string();
-        if !class_name.is_empty() && !class_name.starts_with("StableDiffusionXL") {
-            return Err(cfg.err(
-                "_class_name",
-                format!("`{class_name}` is not an SDXL-family pipeline (expected StableDiffusionXLPipeline)"),
-            ));
-        }
-        for component in [
-            "unet",
-            "vae",
-            "text_encoder",
-            "text_encoder_2",
-            "tokenizer",
-            "tokenizer_2",
-        ] {
+        // An index without a class name is read as SDXL-family, as before SD support existed.
+        let family = match class_name.as_str() {
+            "" => Family::Sdxl,
+            c if c.starts_with("StableDiffusionXL") => Family::Sdxl,
+            "StableDiffusionPipeline" => Family::Sd,
+            other => {
+                return Err(cfg.err(
+                    "_class_name",
+                    format!(
+                        "`{other}` is not supported (supported: StableDiffusionXLPipeline, \
+                         StableDiffusionPipeline)"
+                    ),
+                ));
+            }
+        };
+        let needed = family
+            .text_components()
+            .iter()
+            .flat_map(|(encoder, tokenizer)| [*encoder, *tokenizer])
+            .chain(["unet", "vae"]);
+        for component in needed {
             if cfg.get(component).is_none() {
                 return Err(cfg.err(
                     component,
-                    "missing: this pipeline needs both CLIP text encoders, both tokenizers, a UNet and a VAE",
+                    format!(
+                        "missing: a {class_name} needs {}, a UNet and a VAE",
+                        match family {
+                            Family::Sdxl => "both CLIP text encoders, both tokenizers",
+                            Family::Sd => "a CLIP text encoder, a tokenizer",
+                        }
+                    ),
                 ));
             }
         }
@@ -241,11 +295,19 @@ impl ModelIndex {
             .and_then(|a| a.get(1))
             .and_then(|v| v.as_str())
             .map(str::to_string);
+        // A component listed as `[null, null]` is absent (diffusers writes that when saving without it).
+        let has_safety_checker = cfg
+            .get("safety_checker")
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.iter().any(|x| !x.is_null()));
         Ok(Self {
             class_name,
+            family,
             // diffusers' StableDiffusionXLPipeline.__init__ default is True.
-            force_zeros_for_empty_prompt: cfg.bool_or("force_zeros_for_empty_prompt", true)?,
+            force_zeros_for_empty_prompt: family == Family::Sdxl
+                && cfg.bool_or("force_zeros_for_empty_prompt", true)?,
             scheduler_class,
+            has_safety_checker,
         })
     }
 }

@@ -142,6 +142,15 @@ fn block_layers<'a>(
         })
 }
 
+/// The SDXL `text_time` added conditioning: pooled text embedding and six micro-conditioning ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeConfig {
+    /// Sinusoid width per time id (256 in SDXL).
+    pub addition_time_embed_dim: usize,
+    /// 6 × addition_time_embed_dim + pooled text width (2816 in SDXL).
+    pub projection_class_embeddings_input_dim: usize,
+}
+
 /// `unet/config.json`, resolved to the structure diffusers' `UNet2DConditionModel.__init__` builds.
 #[derive(Debug, Clone)]
 pub struct UNetConfig {
@@ -161,10 +170,11 @@ pub struct UNetConfig {
     pub flip_sin_to_cos: bool,
     pub freq_shift: f64,
     pub time_embed_dim: usize,
-    /// `text_time` conditioning: sinusoid width per time id (256 in SDXL).
-    pub addition_time_embed_dim: usize,
-    /// 6 × addition_time_embed_dim + pooled text width (2816 in SDXL).
-    pub projection_class_embeddings_input_dim: usize,
+    /// `addition_embed_type: "text_time"` (SDXL family); `None` in SD 1.x/2.x.
+    pub text_time: Option<TextTimeConfig>,
+    /// `use_linear_projection`: the transformers' `proj_in`/`proj_out` are linear layers (SD 2.x,
+    /// SDXL) rather than 1×1 convolutions (SD 1.x; diffusers' default is false).
+    pub use_linear_projection: bool,
     /// Default output size in latent pixels (128 for SDXL: 1024 px).
     pub sample_size: usize,
 }
@@ -176,15 +186,9 @@ impl UNetConfig {
 
     pub(crate) fn from_file(cfg: &ConfigFile) -> Result<Self, ConfigError> {
         use serde_json::json;
-        // Options this implementation does not have; each is at its diffusers default in the SDXL family.
+        // Options this implementation does not have; each is at its diffusers default in the SD and
+        // SDXL families. `addition_embed_type` is "text_time" in SDXL and absent in SD 1.x/2.x.
         cfg.require("addition_embed_type", &[json!("text_time")])?;
-        if cfg.get("addition_embed_type").is_none() {
-            return Err(cfg.err(
-                "addition_embed_type",
-                "missing: SDXL-family UNets need \"text_time\" conditioning (an SD 1.x/2.x UNet?)",
-            ));
-        }
-        cfg.require("use_linear_projection", &[json!(true)])?;
         cfg.require("act_fn", &[json!("silu")])?;
         cfg.require("resnet_time_scale_shift", &[json!("default")])?;
         cfg.require("time_embedding_type", &[json!("positional")])?;
@@ -365,7 +369,14 @@ impl UNetConfig {
                 }
             },
         };
-        let addition_time_embed_dim = cfg.usize_req("addition_time_embed_dim")?;
+        let text_time = match cfg.get("addition_embed_type") {
+            Some(_) => Some(TextTimeConfig {
+                addition_time_embed_dim: cfg.usize_req("addition_time_embed_dim")?,
+                projection_class_embeddings_input_dim: cfg
+                    .usize_req("projection_class_embeddings_input_dim")?,
+            }),
+            None => None,
+        };
         Ok(Self {
             in_channels: cfg.usize_or("in_channels", 4)?,
             out_channels: cfg.usize_or("out_channels", 4)?,
@@ -382,9 +393,9 @@ impl UNetConfig {
             time_embed_dim: cfg
                 .opt_usize("time_embedding_dim")?
                 .unwrap_or(block_out_channels[0] * 4),
-            addition_time_embed_dim,
-            projection_class_embeddings_input_dim: cfg
-                .usize_req("projection_class_embeddings_input_dim")?,
+            text_time,
+            // diffusers' UNet2DConditionModel default.
+            use_linear_projection: cfg.bool_or("use_linear_projection", false)?,
             sample_size: cfg.usize_or("sample_size", 128)?,
             block_out_channels,
             down,
@@ -504,22 +515,48 @@ mod tests {
         );
     }
 
+    /// stable-diffusion-v1-5's `unet/config.json` (the keys it sets).
+    const SD15: &str = r#"{
+        "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": false,
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+        "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+        "out_channels": 4, "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    }"#;
+
     #[test]
-    fn an_sd15_unet_without_text_time_is_rejected_by_key() {
-        let json = SSD1B.replace(r#""addition_embed_type": "text_time","#, "");
+    fn sd15_has_no_text_time_eight_heads_everywhere_and_convolution_projections() {
+        let c = unet(SD15).unwrap();
+        assert_eq!(c.text_time, None);
+        assert!(!c.use_linear_projection);
+        assert!(c.down.iter().all(|b| b.heads == 8) && c.up.iter().all(|b| b.heads == 8));
+        assert_eq!(c.mid, MidBlock::CrossAttn { depth: 1 });
+        assert_eq!(c.mid_heads, 8);
+        assert_eq!(c.down[3].kind, BlockKind::Plain);
+        assert_eq!(c.up[0].kind, BlockKind::Plain);
+        assert_eq!(c.sample_size, 64);
+        assert_eq!(c.time_embed_dim, 1280);
+    }
+
+    #[test]
+    fn text_time_without_its_widths_names_the_key() {
+        let json = SSD1B.replace(r#""addition_time_embed_dim": 256,"#, "");
         let err = unet(&json).unwrap_err().to_string();
-        assert!(err.contains("addition_embed_type"), "{err}");
+        assert!(err.contains("addition_time_embed_dim"), "{err}");
     }
 
     #[test]
     fn unsupported_values_are_named() {
         let json = SSD1B.replace(
-            r#""use_linear_projection": true"#,
-            r#""use_linear_projection": false"#,
+            r#""addition_embed_type": "text_time""#,
+            r#""addition_embed_type": "text_image""#,
         );
         let err = unet(&json).unwrap_err().to_string();
         assert!(
-            err.contains("use_linear_projection") && err.contains("false"),
+            err.contains("addition_embed_type") && err.contains("text_image"),
             "{err}"
         );
     }

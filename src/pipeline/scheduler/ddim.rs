@@ -4,7 +4,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::schedule::{np_linspace, round_half_even, trailing_timesteps};
+use super::schedule::{ZeroSnr, np_linspace, round_half_even, trailing_timesteps};
 use super::{NoiseSource, Prediction, Sampler, Schedule, SchedulerConfig, Spacing};
 
 pub(super) struct Ddim {
@@ -20,7 +20,7 @@ impl Ddim {
     pub(super) fn new(cfg: &SchedulerConfig, steps: usize) -> Self {
         // DDIMScheduler defaults: linear betas 1e-4..0.02, clip_sample True (range 1), set_alpha_to_one
         // True, steps_offset 0, leading spacing.
-        let alphas_cumprod = cfg.alphas_cumprod(0.0001, 0.02, "linear");
+        let alphas_cumprod = cfg.alphas_cumprod(0.0001, 0.02, "linear", ZeroSnr::Exact);
         let n_train = cfg.num_train_timesteps;
         let offset = cfg.steps_offset.unwrap_or(0) as f64;
         let timesteps: Vec<f64> = match cfg.spacing.unwrap_or(Spacing::Leading) {

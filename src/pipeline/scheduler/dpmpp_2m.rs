@@ -6,7 +6,8 @@
 use candle_core::{Result, Tensor};
 
 use super::schedule::{
-    interp, karras_schedule, np_linspace, round_half_even, trailing_timesteps, train_sigmas,
+    ZeroSnr, interp, karras_schedule, np_linspace, round_half_even, trailing_timesteps,
+    train_sigmas,
 };
 use super::{NoiseSource, Prediction, Sampler, Schedule, SchedulerConfig, Spacing};
 
@@ -31,7 +32,7 @@ fn alpha_sigma_lambda(sigma: f64) -> (f64, f64, f64) {
 impl Dpmpp2m {
     pub(super) fn new(cfg: &SchedulerConfig, steps: usize, karras: bool) -> Self {
         // DPMSolverMultistepScheduler defaults: linear betas 1e-4..0.02, linspace spacing, offset 0.
-        let ac = cfg.alphas_cumprod(0.0001, 0.02, "linear");
+        let ac = cfg.alphas_cumprod(0.0001, 0.02, "linear", ZeroSnr::NearZero);
         let table = train_sigmas(&ac);
         // lambda_min_clipped = -inf keeps every training step: last_timestep = num_train_timesteps.
         let last = cfg.num_train_timesteps;

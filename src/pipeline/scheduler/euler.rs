@@ -8,7 +8,8 @@
 use candle_core::{Result, Tensor};
 
 use super::schedule::{
-    interp, karras_schedule, np_linspace, round_half_even, trailing_timesteps, train_sigmas,
+    ZeroSnr, interp, karras_schedule, np_linspace, round_half_even, trailing_timesteps,
+    train_sigmas,
 };
 use super::{NoiseSource, Prediction, Sampler, Schedule, SchedulerConfig, Spacing};
 
@@ -49,7 +50,7 @@ impl Sampler for Euler {
 /// Karras schedule), the final sigma appended, all stored as f32 like diffusers' tensors.
 pub(super) fn schedule(cfg: &SchedulerConfig, steps: usize) -> Schedule {
     // EulerDiscreteScheduler defaults: linear betas 1e-4..0.02, linspace spacing, offset 0.
-    let ac = cfg.alphas_cumprod(0.0001, 0.02, "linear");
+    let ac = cfg.alphas_cumprod(0.0001, 0.02, "linear", ZeroSnr::NearZero);
     let table = train_sigmas(&ac);
     let spacing = cfg.spacing.unwrap_or(Spacing::Linspace);
     let mut timesteps = timesteps(

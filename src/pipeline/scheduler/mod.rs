@@ -1,4 +1,4 @@
-//! Samplers: the five the job contract names, each reproducing its diffusers class.
+//! Samplers: the six the job contract names, each reproducing its diffusers class.
 //!
 //! | name | diffusers class | built from the model's `scheduler_config.json` with |
 //! |---|---|---|
@@ -7,6 +7,7 @@
 //! | `ddim` | `DDIMScheduler` | nothing else (eta = 0, the pipeline default) |
 //! | `dpmpp_2m` | `DPMSolverMultistepScheduler` | `algorithm_type="dpmsolver++", solver_order=2` |
 //! | `dpmpp_2m_karras` | same | and `use_karras_sigmas=True` |
+//! | `pndm` | `PNDMScheduler` | nothing else; needs `skip_prk_steps: true` (SD 1.5 ships this one) |
 //!
 //! As with diffusers' `from_config`, keys present in the shipped config carry over to whichever class
 //! is built and absent keys take that class's own default (so DDIM gets `clip_sample` from the SDXL
@@ -18,6 +19,7 @@ mod ddim;
 mod dpmpp_2m;
 mod euler;
 mod euler_ancestral;
+mod pndm;
 mod schedule;
 
 use std::path::Path;
@@ -41,12 +43,22 @@ impl SchedulerKind {
             "EulerAncestralDiscreteScheduler" => Some(Self::EulerAncestral),
             "DDIMScheduler" => Some(Self::Ddim),
             "DPMSolverMultistepScheduler" => Some(Self::Dpmpp2m),
+            "PNDMScheduler" => Some(Self::Pndm),
             _ => None,
         }
     }
 
     pub fn is_stochastic(self) -> bool {
         matches!(self, Self::EulerAncestral)
+    }
+
+    /// UNet evaluations a run of `steps` steps makes: one per step, and PNDM's one extra for its
+    /// warm-up redo of the first step (`PNDMScheduler.set_timesteps` with `skip_prk_steps`).
+    pub fn unet_evaluations(self, steps: usize) -> usize {
+        match self {
+            Self::Pndm if steps > 1 => steps + 1,
+            _ => steps,
+        }
     }
 }
 
@@ -81,6 +93,8 @@ pub struct SchedulerConfig {
     clip_sample: Option<bool>,
     clip_sample_range: Option<f64>,
     set_alpha_to_one: Option<bool>,
+    skip_prk_steps: Option<bool>,
+    rescale_betas_zero_snr: bool,
     final_sigmas_zero: bool,
     solver_type_heun: bool,
     lower_order_final: bool,
@@ -93,7 +107,6 @@ impl SchedulerConfig {
     }
 
     pub(crate) fn from_file(cfg: &ConfigFile) -> std::result::Result<Self, ConfigError> {
-        cfg.require("rescale_betas_zero_snr", &[json!(false)])?;
         cfg.require("timestep_type", &[json!("discrete")])?;
         cfg.require("interpolation_type", &[json!("linear")])?;
         cfg.require("use_exponential_sigmas", &[json!(false)])?;
@@ -176,6 +189,8 @@ impl SchedulerConfig {
             clip_sample: opt_bool("clip_sample"),
             clip_sample_range: opt_f64("clip_sample_range"),
             set_alpha_to_one: opt_bool("set_alpha_to_one"),
+            skip_prk_steps: opt_bool("skip_prk_steps"),
+            rescale_betas_zero_snr: cfg.bool_or("rescale_betas_zero_snr", false)?,
             final_sigmas_zero,
             solver_type_heun,
             lower_order_final: cfg.bool_or("lower_order_final", true)?,
@@ -193,6 +208,18 @@ impl SchedulerConfig {
         let cfg = ConfigFile::parse(Path::new("(built-in SDXL scheduler config)"), text)
             .expect("built-in JSON is valid");
         Self::from_file(&cfg).expect("built-in config is supported")
+    }
+}
+
+impl SchedulerConfig {
+    /// A sampler this config cannot drive, and why: PNDM's Runge–Kutta warm-up
+    /// (`skip_prk_steps: false`, the class default when the key is absent) is not implemented.
+    pub fn unsupported(&self) -> Option<(SchedulerKind, &'static str)> {
+        (self.skip_prk_steps != Some(true)).then_some((
+            SchedulerKind::Pndm,
+            "the model's scheduler config does not set `skip_prk_steps: true`, and PNDM's \
+             Runge-Kutta warm-up steps are not implemented",
+        ))
     }
 }
 
@@ -249,6 +276,7 @@ pub fn build(kind: SchedulerKind, config: &SchedulerConfig, steps: usize) -> Box
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, steps)),
         SchedulerKind::Dpmpp2m => Box::new(dpmpp_2m::Dpmpp2m::new(config, steps, false)),
         SchedulerKind::Dpmpp2mKarras => Box::new(dpmpp_2m::Dpmpp2m::new(config, steps, true)),
+        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(config, steps)),
     }
 }
 

@@ -23,6 +23,19 @@ pub struct Schedule {
     pub(super) scales_input: bool,
 }
 
+/// How a scheduler class honours `rescale_betas_zero_snr` (Lin et al. 2023, arXiv:2305.08891,
+/// algorithm 1: the betas rescaled so the last training step has zero signal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ZeroSnr {
+    /// The class has no such option and `from_config` drops the key (`PNDMScheduler`).
+    Ignored,
+    /// Rescaled betas, the last ᾱ exactly 0 (`DDIMScheduler`).
+    Exact,
+    /// Rescaled, then the last ᾱ set to 2⁻²⁴ "so the first sigma is not inf" (the Euler schedulers,
+    /// `DPMSolverMultistepScheduler`).
+    NearZero,
+}
+
 impl SchedulerConfig {
     /// `alphas_cumprod` with the class defaults for beta range and schedule, computed as PyTorch does:
     /// f32 `linspace` (then squared for scaled_linear), f32 `1 - beta`, cumulative product accumulated
@@ -32,6 +45,7 @@ impl SchedulerConfig {
         default_start: f64,
         default_end: f64,
         default_schedule: &str,
+        zero_snr: ZeroSnr,
     ) -> Vec<f32> {
         let n = self.num_train_timesteps;
         let betas: Vec<f32> = if let Some(tb) = &self.trained_betas {
@@ -47,14 +61,20 @@ impl SchedulerConfig {
                 _ => linspace_f32(start as f32, end as f32, n),
             }
         };
-        let mut acc = 1.0f64;
-        betas
-            .iter()
-            .map(|b| {
-                acc *= (1.0f32 - b) as f64;
-                acc as f32
-            })
-            .collect()
+        let rescale = self.rescale_betas_zero_snr && zero_snr != ZeroSnr::Ignored;
+        let betas = if rescale {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        };
+        let mut alphas_cumprod = cumprod(&betas);
+        if rescale
+            && zero_snr == ZeroSnr::NearZero
+            && let Some(last) = alphas_cumprod.last_mut()
+        {
+            *last = 2f32.powi(-24);
+        }
+        alphas_cumprod
     }
 
     /// The sigma appended after the last step (diffusers `final_sigmas_type`): `"zero"` ends on the
@@ -66,6 +86,37 @@ impl SchedulerConfig {
             table[0] as f64
         }
     }
+}
+
+/// `cumprod(1 - betas)`: f32 factors, the product accumulated in f64 and stored as f32 (ATen CPU).
+fn cumprod(betas: &[f32]) -> Vec<f32> {
+    let mut acc = 1.0f64;
+    betas
+        .iter()
+        .map(|b| {
+            acc *= (1.0f32 - b) as f64;
+            acc as f32
+        })
+        .collect()
+}
+
+/// diffusers `rescale_zero_terminal_snr`, in f32 as its torch code runs: `sqrt(ᾱ)` shifted so the last
+/// is 0 and scaled so the first is unchanged, then turned back into betas.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let mut s: Vec<f32> = cumprod(betas).into_iter().map(f32::sqrt).collect();
+    let (Some(&first), Some(&last)) = (s.first(), s.last()) else {
+        return betas.to_vec();
+    };
+    let scale = first / (first - last);
+    for v in &mut s {
+        *v -= last;
+        *v *= scale;
+    }
+    let alphas_bar: Vec<f32> = s.iter().map(|v| v * v).collect();
+    let mut alphas = Vec::with_capacity(alphas_bar.len());
+    alphas.push(alphas_bar[0]);
+    alphas.extend(alphas_bar.windows(2).map(|w| w[1] / w[0]));
+    alphas.into_iter().map(|a| 1.0 - a).collect()
 }
 
 /// `torch.linspace(start, end, n, dtype=float32)`: ATen fills the first half forwards from `start` and

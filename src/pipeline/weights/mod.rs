@@ -22,7 +22,8 @@ use candle_core::DType;
 pub use reader::ComponentLoad;
 pub(crate) use reader::{LoadStats, var_builder};
 
-/// The components of an SDXL-family pipeline, with their weight-file stems.
+/// The weighted components of an SD or SDXL pipeline, with their weight-file stems; a model uses the
+/// ones its `model_index.json` names ([`components_of`]; SD 1.x/2.x have no `text_encoder_2`).
 pub(crate) const COMPONENTS: [(&str, &str); 4] = [
     ("unet", "diffusion_pytorch_model"),
     ("vae", "diffusion_pytorch_model"),
@@ -340,10 +341,29 @@ fn cached_snapshot(cache: &Path, repo: &str, revision: &str) -> Option<PathBuf> 
         .then_some(snapshot)
 }
 
+/// The [`COMPONENTS`] a `model_index.json` names (all of them when it cannot be read: the loader
+/// then reports what is wrong with it). The safety checker is never among them: it is not run.
+fn components_of(model_index: &Path) -> Vec<(&'static str, &'static str)> {
+    let named = std::fs::read_to_string(model_index)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|v| v.as_object().cloned());
+    COMPONENTS
+        .into_iter()
+        .filter(|(component, _)| {
+            named
+                .as_ref()
+                .is_none_or(|m| m.get(*component).is_some_and(|v| !v.is_null()))
+        })
+        .collect()
+}
+
 fn snapshot_is_complete(snapshot: &Path, variant: Variant, dtype: DType) -> bool {
-    COMPONENTS.iter().all(|(component, stem)| {
-        weight_files(&snapshot.join(component), stem, variant, dtype).is_ok()
-    })
+    components_of(&snapshot.join("model_index.json"))
+        .iter()
+        .all(|(component, stem)| {
+            weight_files(&snapshot.join(component), stem, variant, dtype).is_ok()
+        })
 }
 
 fn download(
@@ -383,7 +403,7 @@ fn download(
             fetch(file)?;
         }
     }
-    for (component, stem) in COMPONENTS {
+    for (component, stem) in components_of(&index_path) {
         let names: BTreeSet<String> = listed
             .iter()
             .filter_map(|f| f.strip_prefix(&format!("{component}/")).map(str::to_string))
@@ -434,6 +454,26 @@ mod tests {
             select_weights(&n, "model", Variant::Auto, DType::F32),
             Some(WeightSelection::Single("model.safetensors".into()))
         );
+    }
+
+    #[test]
+    fn only_the_components_model_index_names_are_fetched_and_never_the_safety_checker() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("model_index.json");
+        // SD v1-5's model_index.json, abridged: one text encoder, a safety checker.
+        std::fs::write(
+            &index,
+            r#"{"_class_name": "StableDiffusionPipeline", "safety_checker": ["stable_diffusion",
+            "StableDiffusionSafetyChecker"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "image_encoder": [null, null]}"#,
+        )
+        .unwrap();
+        let got: Vec<&str> = components_of(&index).iter().map(|(c, _)| *c).collect();
+        assert_eq!(got, ["unet", "vae", "text_encoder"]);
+        // Unreadable: every component, and the loader reports what is wrong.
+        std::fs::write(&index, "not json").unwrap();
+        assert_eq!(components_of(&index).len(), COMPONENTS.len());
     }
 
     #[test]
