@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 
 use crate::cli::{ModelArgs, UsageError};
 use crate::device::{dtype_name, parse_device, parse_dtype};
-use crate::job::Limits;
+use crate::job::{Limits, ModelSlug};
 use crate::pipeline::{LoadOptions, ModelSourceError, Pipeline, PipelineError, Variant};
 use crate::queue::{Lane, Topology};
 
@@ -28,6 +28,10 @@ pub struct WorkerConfig {
     pub batch_window: Duration,
     /// Job queues consumed, interactive first when both.
     pub lanes: Vec<Lane>,
+    /// The pool of the served model: its queues are declared and consumed on every lane.
+    pub pool: ModelSlug,
+    /// Whether the default pool's queues (jobs naming no model) are consumed too.
+    pub default_pool: bool,
     /// Unacked deliveries per lane.
     pub prefetch: u16,
     pub worker_id: String,
@@ -228,6 +232,9 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         max_batch: args.max_batch,
         batch_window: Duration::from_millis(args.batch_window_ms),
         lanes,
+        pool: ModelSlug::of(&args.model.model)
+            .map_err(|r| UsageError(format!("--model: {}", r.reason)))?,
+        default_pool: args.default_pool,
         prefetch,
         worker_id,
         event_source,
@@ -263,5 +270,16 @@ mod tests {
         assert_eq!(set.event_source, "https://images.example.com/t2i");
         let bad = worker(&["--event-source", "not a uri"]).unwrap_err();
         assert!(bad.0.contains("--event-source"), "{bad}");
+    }
+
+    #[test]
+    fn a_worker_serves_its_models_pool_and_by_default_the_default_pool() {
+        let w = worker(&["--model", "segmind/Segmind-Vega"]).unwrap();
+        assert_eq!(w.pool.as_str(), "segmind-vega");
+        assert!(w.default_pool);
+        let w = worker(&["--model", "/models/vega/", "--default-pool", "false"]).unwrap();
+        assert_eq!(w.pool.as_str(), "vega");
+        assert!(!w.default_pool);
+        assert!(worker(&["--model", "/"]).unwrap_err().0.contains("--model"));
     }
 }
