@@ -210,14 +210,7 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         return Err(UsageError("--lanes needs at least one lane".into()));
     }
     lanes.sort_by_key(|l| *l != Lane::Interactive);
-    let event_source = match &args.event_source {
-        Some(s) => {
-            crate::events::check_source(s)
-                .map_err(|why| UsageError(format!("--event-source: {why}")))?;
-            s.clone()
-        }
-        None => crate::events::default_source(&args.broker.amqp_prefix),
-    };
+    let event_source = event_source(args.event_source.as_deref(), &args.broker.amqp_prefix)?;
     let prefetch = args
         .prefetch
         .unwrap_or_else(|| (args.max_batch.saturating_mul(2)).min(u16::MAX as u32) as u16)
@@ -243,6 +236,20 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         grace_period: Duration::from_secs(args.grace_period_s),
         progress_interval: Duration::from_millis(args.progress_interval_ms),
     })
+}
+
+/// `--event-source` checked, or the deployment's default for the AMQP prefix: every process that
+/// announces events of a deployment (workers, and `enqueue` and the gateway for the jobs no pool
+/// serves) takes it the same way.
+pub fn event_source(given: Option<&str>, amqp_prefix: &str) -> Result<String, UsageError> {
+    match given {
+        Some(s) => {
+            crate::events::check_source(s)
+                .map_err(|why| UsageError(format!("--event-source: {why}")))?;
+            Ok(s.to_string())
+        }
+        None => Ok(crate::events::default_source(amqp_prefix)),
+    }
 }
 
 #[cfg(test)]

@@ -201,6 +201,11 @@ pub struct EnqueueArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
 
+    /// The CloudEvents `source` of the failures announced here (jobs for a model no pool serves):
+    /// the workers' (T2I_EVENT_SOURCE) [default: /t2i-worker/<amqp prefix>].
+    #[arg(long, env = "T2I_EVENT_SOURCE")]
+    pub event_source: Option<String>,
+
     /// A prompt (repeatable): one job each.
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -478,6 +483,11 @@ pub struct WebhooksUrlSecretArgs {
 pub struct GatewayArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+
+    /// The CloudEvents `source` of the failures announced here (jobs for a model no pool serves):
+    /// the workers' (T2I_EVENT_SOURCE) [default: /t2i-worker/<amqp prefix>].
+    #[arg(long, env = "T2I_EVENT_SOURCE")]
+    pub event_source: Option<String>,
 
     /// Listen address.
     #[arg(long, env = "T2I_GATEWAY_ADDR", default_value = "0.0.0.0:8080")]

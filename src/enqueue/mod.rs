@@ -330,6 +330,7 @@ async fn publish_and_wait(args: &EnqueueArgs, prepared: &Prepared) -> Result<Opt
     let mut confirms = FuturesUnordered::new();
     let mut returned = Returned {
         limits: args.limits.limits(),
+        source: crate::config::event_source(args.event_source.as_deref(), &topology.prefix)?,
         ..Returned::default()
     };
     let window = args.confirm_window.max(1);
@@ -439,6 +440,8 @@ struct Returned {
     unroutable: usize,
     /// The bounds `prepare` checked the jobs with, to read a returned one back.
     limits: crate::job::Limits,
+    /// The deployment's CloudEvents `source` (`--event-source`).
+    source: String,
 }
 
 impl Returned {
@@ -454,8 +457,7 @@ impl Returned {
             self.unroutable += 1;
             return Ok(());
         };
-        let source = crate::events::default_source(&publisher.topology().prefix);
-        crate::unserved::fail(publisher, store, &source, PRODUCER, &job, &route, None)
+        crate::unserved::fail(publisher, store, &self.source, PRODUCER, &job, &route, None)
             .await
             .with_context(|| format!("announcing that {} failed", job.job_id))?;
         let model = job.model.unwrap_or_default();

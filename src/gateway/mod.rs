@@ -72,7 +72,7 @@ struct App {
     token: Option<String>,
     wait: Duration,
     model: String,
-    /// The CloudEvents `source` of the failures the gateway announces (the deployment's default).
+    /// The CloudEvents `source` of the failures the gateway announces (`--event-source`).
     source: String,
     limits: crate::job::Limits,
     /// Lifetime of the URLs presigned on each `GET /v1/jobs/{id}`.
@@ -484,7 +484,7 @@ pub async fn run(args: GatewayArgs, shutdown: CancellationToken) -> Result<()> {
         .with_context(|| format!("opening the store {}", args.storage.storage))?;
     let topology = crate::config::topology(&args.broker)?;
     let app = Arc::new(App {
-        source: crate::events::default_source(&topology.prefix),
+        source: crate::config::event_source(args.event_source.as_deref(), &topology.prefix)?,
         topology,
         health: Health::new(),
         session: RwLock::new(None),

@@ -199,6 +199,10 @@ async fn two_pools_take_their_models_jobs_and_an_unserved_model_fails_at_once() 
             "{id}"
         );
         assert_eq!(e.data.model, "acme/not-deployed", "{id}");
+        assert_eq!(
+            e.source, astray.source,
+            "{id}: the deployment's source, as the workers'"
+        );
     }
     let r = http
         .get(format!("{base}/v1/jobs/via-http"))
@@ -221,5 +225,40 @@ async fn two_pools_take_their_models_jobs_and_an_unserved_model_fails_at_once() 
     assert_eq!(world.message_count(&world.topology.dead_queue()).await, 1);
     drop((ssd, vega));
     world.delete_pools(&["ssd-1b-tiny", "vega-tiny"]).await;
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pools_delayed_retry_comes_back_to_that_pools_queue() {
+    let _g = serial().await;
+    let world = World::new("pool-retry").await;
+    let slug = t2i_worker::job::ModelSlug::of("segmind/Segmind-Vega").unwrap();
+    world
+        .conn
+        .declare_pools(&world.topology, std::slice::from_ref(&slug))
+        .await
+        .unwrap();
+    let route = Route::of(Lane::Bulk, Some("segmind-vega")).unwrap();
+    // What `Publisher::retry` does with a pool's job: into the route's first retry queue (1 s here).
+    let retry = world.topology.route_retry_queue(&route, 0);
+    let body = job("again", Some("segmind/Segmind-Vega"));
+    world
+        .publisher
+        .to_queue(&retry, &body, &[], None)
+        .await
+        .unwrap();
+    let queue = world.topology.route_queue(&route);
+    let deadline = Instant::now() + FAST;
+    while world.message_count(&queue).await == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(world.message_count(&queue).await, 1, "{queue}");
+    let default = world.topology.queue(Lane::Bulk);
+    assert_eq!(
+        world.message_count(&default).await,
+        0,
+        "not the default pool's"
+    );
+    world.delete_pools(&["segmind-vega"]).await;
     world.cleanup().await;
 }
