@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 
 use crate::cli::{ModelArgs, UsageError};
 use crate::device::{dtype_name, parse_device, parse_dtype};
-use crate::job::Limits;
+use crate::job::{Limits, ModelSlug};
 use crate::pipeline::{LoadOptions, ModelSourceError, Pipeline, PipelineError, Variant};
 use crate::queue::{Lane, Topology};
 
@@ -28,6 +28,10 @@ pub struct WorkerConfig {
     pub batch_window: Duration,
     /// Job queues consumed, interactive first when both.
     pub lanes: Vec<Lane>,
+    /// The pool of the served model: its queues are declared and consumed on every lane.
+    pub pool: ModelSlug,
+    /// Whether the default pool's queues (jobs naming no model) are consumed too.
+    pub default_pool: bool,
     /// Unacked deliveries per lane.
     pub prefetch: u16,
     pub worker_id: String,
@@ -206,14 +210,7 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         return Err(UsageError("--lanes needs at least one lane".into()));
     }
     lanes.sort_by_key(|l| *l != Lane::Interactive);
-    let event_source = match &args.event_source {
-        Some(s) => {
-            crate::events::check_source(s)
-                .map_err(|why| UsageError(format!("--event-source: {why}")))?;
-            s.clone()
-        }
-        None => crate::events::default_source(&args.broker.amqp_prefix),
-    };
+    let event_source = event_source(args.event_source.as_deref(), &args.broker.amqp_prefix)?;
     let prefetch = args
         .prefetch
         .unwrap_or_else(|| (args.max_batch.saturating_mul(2)).min(u16::MAX as u32) as u16)
@@ -228,6 +225,9 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         max_batch: args.max_batch,
         batch_window: Duration::from_millis(args.batch_window_ms),
         lanes,
+        pool: ModelSlug::of(&args.model.model)
+            .map_err(|r| UsageError(format!("--model: {}", r.reason)))?,
+        default_pool: args.default_pool,
         prefetch,
         worker_id,
         event_source,
@@ -236,6 +236,20 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         grace_period: Duration::from_secs(args.grace_period_s),
         progress_interval: Duration::from_millis(args.progress_interval_ms),
     })
+}
+
+/// `--event-source` checked, or the deployment's default for the AMQP prefix: every process that
+/// announces events of a deployment (workers, and `enqueue` and the gateway for the jobs no pool
+/// serves) takes it the same way.
+pub fn event_source(given: Option<&str>, amqp_prefix: &str) -> Result<String, UsageError> {
+    match given {
+        Some(s) => {
+            crate::events::check_source(s)
+                .map_err(|why| UsageError(format!("--event-source: {why}")))?;
+            Ok(s.to_string())
+        }
+        None => Ok(crate::events::default_source(amqp_prefix)),
+    }
 }
 
 #[cfg(test)]
@@ -263,5 +277,16 @@ mod tests {
         assert_eq!(set.event_source, "https://images.example.com/t2i");
         let bad = worker(&["--event-source", "not a uri"]).unwrap_err();
         assert!(bad.0.contains("--event-source"), "{bad}");
+    }
+
+    #[test]
+    fn a_worker_serves_its_models_pool_and_by_default_the_default_pool() {
+        let w = worker(&["--model", "segmind/Segmind-Vega"]).unwrap();
+        assert_eq!(w.pool.as_str(), "segmind-vega");
+        assert!(w.default_pool);
+        let w = worker(&["--model", "/models/vega/", "--default-pool", "false"]).unwrap();
+        assert_eq!(w.pool.as_str(), "vega");
+        assert!(!w.default_pool);
+        assert!(worker(&["--model", "/"]).unwrap_err().0.contains("--model"));
     }
 }

@@ -11,9 +11,11 @@ use serde::{Deserialize, Serialize};
 
 mod format;
 pub mod message;
+pub mod model;
 mod sampler;
 pub use format::ImageFormat;
 pub use message::{BadBody, Job, JobId, JobRequest, OutputSpec, parse_job_body};
+pub use model::{ModelSlug, model_matches};
 pub use sampler::SchedulerKind;
 
 /// Generation parameters as they arrive. Absent fields take the model's defaults.

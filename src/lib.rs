@@ -47,5 +47,6 @@ pub mod records;
 pub mod schemas;
 pub mod shutdown;
 pub mod storage;
+pub mod unserved;
 pub mod webhooks;
 pub mod worker;

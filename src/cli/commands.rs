@@ -124,6 +124,12 @@ pub struct WorkerArgs {
     )]
     pub lanes: Vec<String>,
 
+    /// Also take the jobs that name no model (the default pool's queues, t2i.jobs and t2i.jobs.bulk).
+    /// Jobs naming this worker's model come from its model's own queues either way; in a fleet of
+    /// several models, leave it on for the pools of one model only.
+    #[arg(long, env = "T2I_DEFAULT_POOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub default_pool: bool,
+
     /// Unacknowledged deliveries per queue [default: 2 × max batch, so the next batch is ready while
     /// the previous one uploads].
     #[arg(long, env = "T2I_PREFETCH")]
@@ -194,6 +200,11 @@ pub struct BenchArgs {
 pub struct EnqueueArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+
+    /// The CloudEvents `source` of the failures announced here (jobs for a model no pool serves):
+    /// the workers' (T2I_EVENT_SOURCE) [default: /t2i-worker/<amqp prefix>].
+    #[arg(long, env = "T2I_EVENT_SOURCE")]
+    pub event_source: Option<String>,
 
     /// A prompt (repeatable): one job each.
     #[arg(long)]
@@ -473,6 +484,11 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
 
+    /// The CloudEvents `source` of the failures announced here (jobs for a model no pool serves):
+    /// the workers' (T2I_EVENT_SOURCE) [default: /t2i-worker/<amqp prefix>].
+    #[arg(long, env = "T2I_EVENT_SOURCE")]
+    pub event_source: Option<String>,
+
     /// Listen address.
     #[arg(long, env = "T2I_GATEWAY_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: std::net::SocketAddr,
@@ -497,7 +513,8 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
 
-    /// The model jobs are checked against (a job naming another one is refused).
+    /// The model recorded for queued jobs that name none (the default pool's); jobs naming a model
+    /// are routed to its pool, and fail with 422 `model_not_served` when no pool serves it.
     #[arg(long, env = "T2I_MODEL", default_value = "segmind/SSD-1B")]
     pub model: String,
 }

@@ -5,8 +5,10 @@
 //! an earlier run published that have not ended (queued or running) are left alone unless
 //! `--republish-pending`. `batch.json` records the batch's size and how far publishing got
 //! ([`crate::batch::BatchRecord`]). Publishing uses confirms with a window of outstanding ones
-//! (backpressure). `--wait` follows the batch as `t2i batch watch` does and builds the data set from
-//! the store as `t2i batch manifest` does.
+//! (backpressure). A job naming a model is published on that model's route; one the broker returns
+//! because no pool serves the model is failed at once ([`crate::unserved`]) and reported, and the
+//! command exits non-zero. `--wait` follows the batch as `t2i batch watch` does and builds the data
+//! set from the store as `t2i batch manifest` does.
 
 pub mod expand;
 pub mod plan;
@@ -25,7 +27,7 @@ use crate::batch::watch::{self, Finished};
 use crate::batch::{BatchRecord, Seen, scan};
 use crate::cli::{EnqueueArgs, UsageError};
 use crate::job::{JobId, ModelDefaults, parse_job_body};
-use crate::queue::{Connection, Delivered, Lane};
+use crate::queue::{Connection, Delivered, Lane, Publisher, QueueError, Route};
 use crate::storage::{ImageStore, ObjectKey, Store};
 use expand::{Combine, InputError, InputFormat, Items};
 use plan::{Plan, PlannedJob, Planner};
@@ -205,12 +207,7 @@ pub fn prepare(args: &EnqueueArgs) -> Result<Prepared> {
     let mut prefixes = BTreeSet::from([planner.key_prefix().to_string()]);
     for j in planner.jobs() {
         let body = json_text(&j.body);
-        let model = j
-            .body
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or("segmind/SSD-1B");
-        match parse_job_body(body.as_bytes(), &limits, &defaults, model) {
+        match parse_job_body(body.as_bytes(), &limits, &defaults) {
             Err(bad) => {
                 let r = bad.rejection;
                 let reason = format!("{}: {} ({})", r.field, r.reason, r.value);
@@ -331,7 +328,11 @@ async fn publish_and_wait(args: &EnqueueArgs, prepared: &Prepared) -> Result<Opt
     let publisher = conn.publisher(&topology).await?;
     let started = Instant::now();
     let mut confirms = FuturesUnordered::new();
-    let mut unroutable = 0usize;
+    let mut returned = Returned {
+        limits: args.limits.limits(),
+        source: crate::config::event_source(args.event_source.as_deref(), &topology.prefix)?,
+        ..Returned::default()
+    };
     let window = args.confirm_window.max(1);
     let (mut done, mut pending, mut retried, mut published) = (0usize, 0usize, 0usize, 0usize);
     for (i, j) in planner.jobs().enumerate() {
@@ -358,36 +359,38 @@ async fn publish_and_wait(args: &EnqueueArgs, prepared: &Prepared) -> Result<Opt
             _ => {}
         }
         let body = json_text(&j.body);
+        // Checked by `prepare`: a model's name always makes a route.
+        let model = j.body.get("model").and_then(Value::as_str);
+        let route = Route::of(lane, model).map_err(|r| anyhow::anyhow!("{}: {r}", j.job_id))?;
         let sent = publisher
-            .send_job(lane, &j.job_id, body.as_bytes(), None)
+            .send_job(&route, &j.job_id, body.as_bytes(), None)
             .await?;
-        confirms.push(sent.confirmed());
+        // The body comes back with the confirm only where it may be needed: a model's job.
+        let kept = route.pool.is_some().then_some(body);
+        confirms.push(async move { (sent.confirmed().await, route, kept) });
         published += 1;
         while confirms.len() >= window {
-            if let Some(c) = confirms.next().await
-                && c? == Delivered::Unroutable
-            {
-                unroutable += 1;
+            if let Some(c) = confirms.next().await {
+                returned.note(c, &publisher, &store).await?;
             }
         }
         if published % CHECKPOINT_JOBS == 0 {
             while let Some(c) = confirms.next().await {
-                if c? == Delivered::Unroutable {
-                    unroutable += 1;
-                }
+                returned.note(c, &publisher, &store).await?;
             }
             record.published = record.published.max(i as u64 + 1);
             record.write(&store).await.context("writing batch.json")?;
         }
     }
     while let Some(c) = confirms.next().await {
-        if c? == Delivered::Unroutable {
-            unroutable += 1;
-        }
+        returned.note(c, &publisher, &store).await?;
     }
     let secs = started.elapsed().as_secs_f64();
-    if unroutable > 0 {
-        anyhow::bail!("{unroutable} job(s) were not routed to any queue");
+    if returned.unroutable > 0 {
+        anyhow::bail!(
+            "{} job(s) were not routed to any queue",
+            returned.unroutable
+        );
     }
     record.published = total;
     record.write(&store).await.context("writing batch.json")?;
@@ -399,8 +402,14 @@ async fn publish_and_wait(args: &EnqueueArgs, prepared: &Prepared) -> Result<Opt
         topology.queue(lane),
         published as f64 / secs.max(1e-9),
     );
+    let not_served = returned.report();
     if !args.wait {
-        return Ok(None);
+        return match not_served {
+            0 => Ok(None),
+            n => {
+                anyhow::bail!("{n} job(s) failed with model_not_served: no pool serves their model")
+            }
+        };
     }
     let target = watch::Target {
         store: &store,
@@ -419,6 +428,56 @@ async fn publish_and_wait(args: &EnqueueArgs, prepared: &Prepared) -> Result<Opt
     }
     Ok(Some(finished))
 }
+
+/// The confirm of one published job: its route, and its body when it named a model.
+type Confirmed = (Result<Delivered, QueueError>, Route, Option<String>);
+
+/// What the broker returned: jobs for models no pool serves (failed here, counted by model) and any
+/// other unroutable job (no default queue bound: a broken topology).
+#[derive(Default)]
+struct Returned {
+    not_served: std::collections::BTreeMap<String, usize>,
+    unroutable: usize,
+    /// The bounds `prepare` checked the jobs with, to read a returned one back.
+    limits: crate::job::Limits,
+    /// The deployment's CloudEvents `source` (`--event-source`).
+    source: String,
+}
+
+impl Returned {
+    async fn note(&mut self, c: Confirmed, publisher: &Publisher, store: &Store) -> Result<()> {
+        let (delivered, route, body) = c;
+        if delivered? == Delivered::Routed {
+            return Ok(());
+        }
+        let job = body.and_then(|b| {
+            parse_job_body(b.as_bytes(), &self.limits, &ModelDefaults::default()).ok()
+        });
+        let Some(job) = job.filter(|_| route.pool.is_some()) else {
+            self.unroutable += 1;
+            return Ok(());
+        };
+        crate::unserved::fail(publisher, store, &self.source, PRODUCER, &job, &route, None)
+            .await
+            .with_context(|| format!("announcing that {} failed", job.job_id))?;
+        let model = job.model.unwrap_or_default();
+        *self.not_served.entry(model).or_default() += 1;
+        Ok(())
+    }
+
+    /// Prints one line per model no pool serves; the number of jobs that failed so.
+    fn report(&self) -> usize {
+        for (model, n) in &self.not_served {
+            eprintln!(
+                "error: no worker pool serves model {model:?}: {n} job(s) failed with model_not_served"
+            );
+        }
+        self.not_served.values().sum()
+    }
+}
+
+/// The name of `t2i enqueue` as a job's producer (`data.worker` of the failures it announces).
+const PRODUCER: &str = "t2i enqueue";
 
 /// A job object as JSON text (a `Map` always serialises).
 fn json_text(body: &Map<String, Value>) -> String {

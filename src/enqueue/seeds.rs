@@ -123,7 +123,6 @@ mod tests {
                 body.as_bytes(),
                 &Limits::default(),
                 &ModelDefaults::default(),
-                "segmind/SSD-1B",
             )
             .unwrap_or_else(|e| panic!("{body}: {:?}", e.rejection));
             let g = &job.generation;

@@ -44,9 +44,10 @@ use crate::health::{Health, HttpMetrics};
 use crate::job::message::MAX_BODY_BYTES;
 use crate::job::{Job, ModelDefaults, parse_job_body};
 use crate::queue::{
-    Connection, Consumer, Delivered, Lane, Publisher, Reconnect, ReplyTo, Topology,
+    Connection, Consumer, Delivered, Lane, Publisher, Reconnect, ReplyTo, Route, Topology,
 };
 use crate::storage::Store;
+use crate::unserved;
 use body::BodyError;
 
 mod body;
@@ -71,6 +72,8 @@ struct App {
     token: Option<String>,
     wait: Duration,
     model: String,
+    /// The CloudEvents `source` of the failures the gateway announces (`--event-source`).
+    source: String,
     limits: crate::job::Limits,
     /// Lifetime of the URLs presigned on each `GET /v1/jobs/{id}`.
     presign_ttl: Duration,
@@ -137,12 +140,7 @@ impl App {
             BodyError::NotJson(why) => error(StatusCode::BAD_REQUEST, "invalid_json", why),
             BodyError::Invalid(field, reason, value) => invalid(field, reason, &value),
         })?;
-        match parse_job_body(
-            &message,
-            &self.limits,
-            &ModelDefaults::default(),
-            &self.model,
-        ) {
+        match parse_job_body(&message, &self.limits, &ModelDefaults::default()) {
             Ok(job) => Ok((job, message)),
             Err(bad) => {
                 let r = bad.rejection;
@@ -151,13 +149,20 @@ impl App {
         }
     }
 
+    /// Publishes a checked job on its lane and its model's route. A job for a model no pool serves
+    /// comes back unroutable: it is failed at once (`failure.json`, `job.failed` with
+    /// `model_not_served`) and the request answered 422.
     async fn publish(
         &self,
         lane: Lane,
-        job_id: &str,
+        job: &Job,
         message: &[u8],
         reply: bool,
     ) -> Result<(), Response> {
+        let job_id = job.job_id.as_str();
+        // The parser checked the model's name already.
+        let route = Route::of(lane, job.model.as_deref())
+            .map_err(|r| invalid(&r.field, &r.reason, &r.value))?;
         let guard = self.session.read().await;
         let Some(s) = guard.as_ref() else {
             return Err(error(
@@ -170,8 +175,22 @@ impl App {
             queue: s.reply_queue.clone(),
             correlation_id: Some(job_id.to_string()),
         });
-        match s.publisher.job(lane, job_id, message, reply.as_ref()).await {
+        match s
+            .publisher
+            .job(&route, job_id, message, reply.as_ref())
+            .await
+        {
             Ok(Delivered::Routed) => Ok(()),
+            Ok(Delivered::Unroutable) if route.pool.is_some() => {
+                let (store, source) = (&self.store, self.source.as_str());
+                let failed =
+                    unserved::fail(&s.publisher, store, source, PRODUCER, job, &route, None);
+                if let Err(e) = failed.await {
+                    tracing::warn!(job = %job_id, error = %e, "announcing a job no pool serves");
+                }
+                let model = job.model.as_deref().unwrap_or_default();
+                Err(not_served(model, &route))
+            }
             Ok(Delivered::Unroutable) => Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -184,6 +203,21 @@ impl App {
             )),
         }
     }
+}
+
+/// The name of the gateway as a job's producer (`data.worker` of the failures it announces).
+const PRODUCER: &str = "t2i gateway";
+
+/// 422 for a job whose model no worker pool serves; the job has been failed with the same code.
+fn not_served(model: &str, route: &Route) -> Response {
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Json(json!({"error": {
+            "code": "model_not_served", "message": unserved::message(model, route),
+            "field": "model", "value": model,
+        }})),
+    )
+        .into_response()
 }
 
 fn too_large() -> Response {
@@ -269,7 +303,7 @@ async fn submit(
     };
     let id = parsed.job_id.to_string();
     jobs::record_queued(&app, &parsed).await;
-    if let Err(r) = app.publish(lane, &id, &message, false).await {
+    if let Err(r) = app.publish(lane, &parsed, &message, false).await {
         return r;
     }
     let url = format!("/v1/jobs/{id}");
@@ -301,7 +335,10 @@ async fn generate(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(id.clone(), tx);
-    if let Err(r) = app.publish(Lane::Interactive, &id, &message, true).await {
+    if let Err(r) = app
+        .publish(Lane::Interactive, &parsed, &message, true)
+        .await
+    {
         app.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -350,6 +387,9 @@ fn respond(d: &EventData) -> Response {
     let (status, code) = match d.error.as_ref().map(|e| e.code) {
         Some(crate::events::ErrorCode::InvalidInput) => {
             (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input")
+        }
+        Some(crate::events::ErrorCode::ModelNotServed) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "model_not_served")
         }
         Some(crate::events::ErrorCode::Expired) => (StatusCode::GATEWAY_TIMEOUT, "expired"),
         Some(crate::events::ErrorCode::Canceled) => (StatusCode::CONFLICT, "canceled"),
@@ -442,8 +482,10 @@ pub async fn run(args: GatewayArgs, shutdown: CancellationToken) -> Result<()> {
     let store = Store::open(&args.storage.storage, &args.storage.s3_options())
         .await
         .with_context(|| format!("opening the store {}", args.storage.storage))?;
+    let topology = crate::config::topology(&args.broker)?;
     let app = Arc::new(App {
-        topology: crate::config::topology(&args.broker)?,
+        source: crate::config::event_source(args.event_source.as_deref(), &topology.prefix)?,
+        topology,
         health: Health::new(),
         session: RwLock::new(None),
         waiters: Arc::default(),

@@ -95,7 +95,11 @@ fn submission(mut job: Value, limits: &Limits, model: &str) -> Value {
         &mut job,
         "model",
         "description",
-        format!("The model the job expects: this gateway's workers serve {model:?}").into(),
+        format!(
+            "The model the job is for, routed to that model's worker pool; without it, the default \
+             pool ({model:?}) renders it. A model no pool serves: 422 `model_not_served`."
+        )
+        .into(),
     );
     job["required"] = json!(["prompt"]);
     job["title"] = "t2i job (job_id optional)".into();
@@ -175,7 +179,9 @@ fn responses(ok: &str, success: Value, errors: &[&str], auth: bool) -> Value {
             "404" => "no such job, or no such route (an empty id)",
             "409" => "the job has already ended, or was canceled",
             "413" => "the body is over the limit",
-            "422" => "a field is invalid: `field` names it",
+            "422" => {
+                "a field is invalid (`field` names it), or no worker pool serves the job's `model` (`model_not_served`)"
+            }
             "502" => "the job failed",
             "503" => "the broker, the store or the workers cannot be reached; retry",
             "504" => "no result in time; the job goes on",

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::ImageFormat;
+use super::ModelSlug;
 use super::{Generation, GenerationRequest, Limits, ModelDefaults, Rejection};
 use crate::events::EventKind;
 
@@ -23,6 +24,9 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_MESSAGE_BYTES: usize = MAX_BODY_BYTES + 256;
 /// Largest `metadata` object, serialised.
 pub const MAX_METADATA_BYTES: usize = 8 * 1024;
+/// Longest `model`: room for a folder path whose last segment is the slug (at most
+/// [`super::model::MAX_SLUG_LEN`] characters); a hub repo id has at most 96.
+pub const MAX_MODEL_BYTES: usize = 512;
 /// S3 presigned URLs live at most 7 days (SigV4 limit).
 pub const MAX_PRESIGN_TTL_S: u64 = 7 * 24 * 3600;
 
@@ -68,8 +72,12 @@ pub struct JobRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 8))]
     pub num_images: Option<u32>,
-    /// The model the job expects; a worker serving another model rejects it.
+    /// The model the job is for: a hub repo id (`segmind/SSD-1B`), its short name (`SSD-1B`) or a
+    /// model folder's name. It routes the job to the pool serving that model (`{lane}.{slug}`, the
+    /// slug being the last segment, lowercased); with no pool serving it, the job fails at once with
+    /// `model_not_served`. Without it, the default pool renders the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputRequest>,
@@ -247,23 +255,24 @@ pub struct Job {
 }
 
 impl Job {
-    /// Checks every field of `req`; `model` is the model this worker serves (a job naming another one
-    /// is rejected rather than rendered with the wrong weights).
+    /// Checks every field of `req`. Whether its `model` is served is not a property of the job but
+    /// of the fleet: the broker decides that when it routes the job ([`super::ModelSlug`]), and a
+    /// worker checks it again before rendering.
     pub fn parse(
         req: JobRequest,
         limits: &Limits,
         defaults: &ModelDefaults,
-        model: &str,
     ) -> Result<Self, Rejection> {
         let job_id = JobId::parse(&req.job_id)?;
-        if let Some(m) = &req.model
-            && !model_matches(m, model)
-        {
-            return Err(Rejection::new(
-                "model",
-                format!("{m:?}"),
-                format!("this worker serves {model:?}"),
-            ));
+        if let Some(m) = &req.model {
+            if m.len() > MAX_MODEL_BYTES {
+                return Err(Rejection::new(
+                    "model",
+                    format!("{} bytes", m.len()),
+                    format!("at most {MAX_MODEL_BYTES} bytes"),
+                ));
+            }
+            ModelSlug::of(m)?;
         }
         let generation = Generation::parse(
             GenerationRequest {
@@ -427,18 +436,6 @@ impl Job {
     }
 }
 
-/// `segmind/SSD-1B` matches `segmind/SSD-1B`, `SSD-1B` and a local folder named `SSD-1B`.
-fn model_matches(asked: &str, served: &str) -> bool {
-    let last = |s: &str| {
-        s.trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or(s)
-            .to_ascii_lowercase()
-    };
-    asked.eq_ignore_ascii_case(served) || last(asked) == last(served)
-}
-
 /// A body that could not become a `Job`, with whatever id it carried (for the failure event).
 #[derive(Debug, Clone)]
 pub struct BadBody {
@@ -453,7 +450,6 @@ pub fn parse_job_body(
     body: &[u8],
     limits: &Limits,
     defaults: &ModelDefaults,
-    model: &str,
 ) -> Result<Job, BadBody> {
     if body.len() > MAX_MESSAGE_BYTES {
         return Err(BadBody {
@@ -499,7 +495,7 @@ pub fn parse_job_body(
             rejection: Rejection::new(field, "(see reason)", inner.to_string()),
         }
     })?;
-    Job::parse(req, limits, defaults, model).map_err(|rejection| BadBody { job_id, rejection })
+    Job::parse(req, limits, defaults).map_err(|rejection| BadBody { job_id, rejection })
 }
 
 #[cfg(test)]
@@ -507,165 +503,5 @@ pub fn parse_job_body(
 pub(crate) mod fuzz;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(body: &str) -> Result<Job, BadBody> {
-        parse_job_body(
-            body.as_bytes(),
-            &Limits::default(),
-            &ModelDefaults::default(),
-            "segmind/SSD-1B",
-        )
-    }
-
-    #[test]
-    fn the_design_example_parses() {
-        let body = r#"{
-          "job_id": "0190f6c2-7d3e-7a41-9c55-3b1f0e2a9d10",
-          "prompt": "a wolf, half ice and half fire, dark fantasy, cinematic",
-          "negative_prompt": "blurry, low quality",
-          "width": 1024, "height": 1024,
-          "steps": 25, "guidance_scale": 7.0, "scheduler": "euler",
-          "seed": 42, "num_images": 1,
-          "model": "segmind/SSD-1B",
-          "output": {"format": "png", "quality": 90, "key_prefix": "datasets/wolves/", "presign_ttl_s": 3600},
-          "webhook": {"url": "https://example.com/hooks/t2i", "events": ["job.succeeded", "job.failed"]},
-          "batch": {"id": "wolves-2026-11", "index": 17, "total": 1000},
-          "deadline": "2026-11-26T12:00:00Z",
-          "metadata": {"anything": "echoed back verbatim"}
-        }"#;
-        let job = parse(body).unwrap();
-        assert_eq!(job.output.key_prefix, "datasets/wolves/");
-        assert_eq!(job.generation.seed, 42);
-        assert!(job.deadline.is_some());
-    }
-
-    #[test]
-    fn only_job_id_and_prompt_are_required() {
-        let job = parse(r#"{"job_id": "a", "prompt": "x"}"#).unwrap();
-        assert_eq!(job.output.format, ImageFormat::Png);
-        assert!(job.generation.seed_was_random);
-    }
-
-    #[test]
-    fn a_wrongly_typed_field_is_named_by_its_path() {
-        let e =
-            parse(r#"{"job_id": "a", "prompt": "x", "output": {"quality": "high"}}"#).unwrap_err();
-        assert_eq!(e.rejection.field, "output.quality");
-        assert_eq!(e.job_id.unwrap().as_str(), "a");
-    }
-
-    #[test]
-    fn unknown_fields_are_rejected() {
-        let e = parse(r#"{"job_id": "a", "prompt": "x", "stpes": 3}"#).unwrap_err();
-        assert!(e.rejection.reason.contains("stpes"), "{:?}", e.rejection);
-    }
-
-    #[test]
-    fn malformed_bodies_and_bad_ids_are_rejected() {
-        assert_eq!(parse("not json").unwrap_err().rejection.field, "body");
-        // Found by the property run (`fuzz`): these named the field `?`.
-        assert_eq!(parse("[").unwrap_err().rejection.field, "body");
-        assert_eq!(parse("{1").unwrap_err().rejection.field, "body");
-        assert_eq!(parse("[x").unwrap_err().rejection.field, "body");
-        assert!(parse("not json").unwrap_err().job_id.is_none());
-        assert_eq!(
-            parse(r#"{"prompt": "x"}"#).unwrap_err().rejection.field,
-            "job_id"
-        );
-        assert_eq!(
-            parse(r#"{"job_id": "a b", "prompt": "x"}"#)
-                .unwrap_err()
-                .rejection
-                .field,
-            "job_id"
-        );
-        let big = format!(r#"{{"job_id": "a", "prompt": "{}"}}"#, "x".repeat(70_000));
-        assert_eq!(parse(&big).unwrap_err().rejection.field, "body");
-    }
-
-    #[test]
-    fn a_webhook_names_a_receiver_a_url_or_both_never_neither() {
-        for ok in [
-            r#"{"receiver": "acme"}"#,
-            r#"{"receiver": "acme", "url": "https://hooks.acme.example/t2i/7"}"#,
-            r#"{"url": "https://hooks.example/t2i"}"#,
-        ] {
-            let body = format!(r#"{{"job_id": "a", "prompt": "x", "webhook": {ok}}}"#);
-            assert!(parse(&body).is_ok(), "{ok}");
-        }
-        for (bad, field) in [
-            (r#"{}"#, "webhook"),
-            (r#"{"events": ["job.failed"]}"#, "webhook"),
-            (r#"{"receiver": "../etc"}"#, "webhook.receiver"),
-            (r#"{"receiver": ""}"#, "webhook.receiver"),
-            (
-                r#"{"receiver": "a", "secret": "whsec_x"}"#,
-                "webhook.secret",
-            ),
-        ] {
-            let body = format!(r#"{{"job_id": "a", "prompt": "x", "webhook": {bad}}}"#);
-            let e = parse(&body).unwrap_err().rejection;
-            assert!(
-                e.field == field || e.reason.contains("secret"),
-                "{bad}: {e:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn ids_that_would_name_a_folder_outside_the_job_are_rejected() {
-        // Found by the property run: `..` put the job's objects in the prefix's parent folder.
-        for bad in [".", "..", "_index"] {
-            let body = format!(r#"{{"job_id": "{bad}", "prompt": "x"}}"#);
-            assert_eq!(parse(&body).unwrap_err().rejection.field, "job_id", "{bad}");
-            let body = format!(r#"{{"job_id": "a", "prompt": "x", "batch": {{"id": "{bad}"}}}}"#);
-            assert_eq!(
-                parse(&body).unwrap_err().rejection.field,
-                "batch.id",
-                "{bad}"
-            );
-        }
-        assert!(parse(r#"{"job_id": "...", "prompt": "x"}"#).is_ok());
-    }
-
-    #[test]
-    fn key_prefixes_cannot_escape() {
-        for bad in ["/abs/", "a/../b/", "spa ce/", "_index/", "_index/x/"] {
-            let body =
-                format!(r#"{{"job_id": "a", "prompt": "x", "output": {{"key_prefix": "{bad}"}}}}"#);
-            assert_eq!(
-                parse(&body).unwrap_err().rejection.field,
-                "output.key_prefix",
-                "{bad}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_job_for_another_model_is_rejected() {
-        let e =
-            parse(r#"{"job_id": "a", "prompt": "x", "model": "stabilityai/sdxl"}"#).unwrap_err();
-        assert_eq!(e.rejection.field, "model");
-        assert!(parse(r#"{"job_id": "a", "prompt": "x", "model": "SSD-1B"}"#).is_ok());
-    }
-
-    #[test]
-    fn deadlines_are_rfc3339_and_checked() {
-        let job =
-            parse(r#"{"job_id": "a", "prompt": "x", "deadline": "2000-01-01T00:00:00Z"}"#).unwrap();
-        assert!(job.is_expired(OffsetDateTime::now_utc()));
-        let e = parse(r#"{"job_id": "a", "prompt": "x", "deadline": "tomorrow"}"#).unwrap_err();
-        assert_eq!(e.rejection.field, "deadline");
-    }
-
-    #[test]
-    fn oversized_metadata_is_rejected() {
-        let body = format!(
-            r#"{{"job_id": "a", "prompt": "x", "metadata": {{"k": "{}"}}}}"#,
-            "v".repeat(9000)
-        );
-        assert_eq!(parse(&body).unwrap_err().rejection.field, "metadata");
-    }
-}
+#[path = "message_tests.rs"]
+mod tests;

@@ -27,9 +27,6 @@ use crate::storage::{INDEX_PREFIX, ObjectKey};
 /// `PROPTEST_CASES=100000 cargo test --lib fuzz` runs a longer campaign.
 const CASES: u32 = 1000;
 
-/// The model the parser is told it serves.
-const MODEL: &str = "segmind/SSD-1B";
-
 pub(crate) fn config() -> ProptestConfig {
     let mut c = ProptestConfig {
         failure_persistence: None,
@@ -190,7 +187,7 @@ fn scheduler() -> BoxedStrategy<String> {
 fn model() -> BoxedStrategy<String> {
     prop_oneof![
         24 => prop::sample::select(vec!["segmind/SSD-1B", "SSD-1B", "ssd-1b", "/models/SSD-1B/"]),
-        1 => prop::sample::select(vec!["stabilityai/sdxl", ""]),
+        1 => prop::sample::select(vec!["stabilityai/sdxl", "", "/", "a/.."]),
     ]
     .prop_map(string)
     .boxed()
@@ -352,7 +349,7 @@ fn mutated_job() -> BoxedStrategy<Vec<u8>> {
 // ---- the property --------------------------------------------------------------------------
 
 fn parse(body: &[u8]) -> Result<Job, BadBody> {
-    parse_job_body(body, &Limits::default(), &ModelDefaults::default(), MODEL)
+    parse_job_body(body, &Limits::default(), &ModelDefaults::default())
 }
 
 /// What a run saw: jobs accepted, and rejections by field.

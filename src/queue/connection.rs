@@ -17,8 +17,9 @@ use lapin::types::FieldTable;
 use lapin::{ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 
-use super::{Consumer, Lane, Publisher, QueueError, QueueReader, Topology};
+use super::{Consumer, Publisher, QueueError, QueueReader, Route, Topology};
 use crate::events::EventKind;
+use crate::job::ModelSlug;
 
 /// Longest wait for a connection to close: a broker that is gone must not hold a shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -124,16 +125,33 @@ impl Connection {
         Ok(QueueReader::new(self.channel().await?, queue.to_string()))
     }
 
-    /// Consumes one job lane; the consumer tag names the worker and the lane.
-    pub async fn consume_lane(
+    /// Consumes one job route (a lane of the default pool or of a model's); the consumer tag names
+    /// the worker and the route's key.
+    pub async fn consume_route(
         &self,
         topology: &Topology,
-        lane: Lane,
+        route: &Route,
         worker_id: &str,
         prefetch: u16,
     ) -> Result<Consumer, QueueError> {
-        let tag = format!("{worker_id}-{}", lane.routing_key());
-        self.consume(&topology.queue(lane), &tag, prefetch).await
+        let tag = format!("{worker_id}-{}", route.routing_key());
+        self.consume(&topology.route_queue(route), &tag, prefetch)
+            .await
+    }
+
+    /// Declares the topology and the pools of the models `pools` (a worker's declaration).
+    pub async fn declare_pools(
+        &self,
+        topology: &Topology,
+        pools: &[ModelSlug],
+    ) -> Result<(), QueueError> {
+        let ch = self.channel().await?;
+        topology.declare(&ch).await?;
+        for slug in pools {
+            topology.declare_pool(&ch, slug).await?;
+        }
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
     }
 
     /// A private queue bound to the control fanout: every worker gets every control message.

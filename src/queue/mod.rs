@@ -15,7 +15,7 @@ pub mod topology;
 pub use connection::{Connection, Reconnect, backoff};
 pub use consumer::{Consumer, Delivery, QueueReader, ReplyTo, SETTLE_TIMEOUT};
 pub use publisher::{Delivered, PendingConfirm, Publisher, QueueError};
-pub use topology::{Lane, Topology, UnknownLane};
+pub use topology::{Lane, Route, Topology, UnknownLane};
 
 /// AMQP header carrying the attempt number of a retried job (1 for the first delivery).
 pub const ATTEMPT_HEADER: &str = "x-t2i-attempt";

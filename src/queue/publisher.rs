@@ -6,7 +6,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 
-use super::{ATTEMPT_HEADER, Delivery, Lane, ReplyTo, Topology};
+use super::{ATTEMPT_HEADER, Delivery, ReplyTo, Route, Topology};
 use crate::events::{CloudEvent, EventKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -206,8 +206,8 @@ impl Publisher {
 
     /// Re-publishes a job into the retry queue for the attempt that failed, carrying the next
     /// attempt number and the original's identity (message id, reply_to, correlation id, content
-    /// type, timestamp, headers); the queue's TTL dead-letters it back to the lane's job queue.
-    pub async fn retry(&self, lane: Lane, delivery: &Delivery) -> Result<(), QueueError> {
+    /// type, timestamp, headers); the queue's TTL dead-letters it back to the route's job queue.
+    pub async fn retry(&self, route: &Route, delivery: &Delivery) -> Result<(), QueueError> {
         let original = delivery.properties();
         let failed_attempt = delivery.attempt();
         let level = self.topology.retry_level(failed_attempt);
@@ -236,7 +236,7 @@ impl Publisher {
         if let Some(ts) = original.timestamp() {
             props = props.with_timestamp(*ts);
         }
-        let queue = self.topology.retry_queue(lane, level);
+        let queue = self.topology.route_retry_queue(route, level);
         self.confirmed("", &queue, true, delivery.body(), props, "retry")
             .await?;
         Ok(())
@@ -257,16 +257,17 @@ impl Publisher {
         .await
     }
 
-    /// Publishes a job (persistent, mandatory, `message_id` = job id) on a lane and waits for the
-    /// broker's confirm.
+    /// Publishes a job (persistent, mandatory, `message_id` = job id) on a route (its lane, and the
+    /// pool of the model it names) and waits for the broker's confirm. `Unroutable`: no queue is
+    /// bound for the route, which for a model's route means that no pool serves the model.
     pub async fn job(
         &self,
-        lane: Lane,
+        route: &Route,
         job_id: &str,
         body: &[u8],
         reply: Option<&ReplyTo>,
     ) -> Result<Delivered, QueueError> {
-        self.send_job(lane, job_id, body, reply)
+        self.send_job(route, job_id, body, reply)
             .await?
             .confirmed()
             .await
@@ -276,7 +277,7 @@ impl Publisher {
     /// of these outstanding (backpressure) instead of one round trip per job.
     pub async fn send_job(
         &self,
-        lane: Lane,
+        route: &Route,
         job_id: &str,
         body: &[u8],
         reply: Option<&ReplyTo>,
@@ -291,10 +292,10 @@ impl Publisher {
                 props = props.with_correlation_id(c.as_str().into());
             }
         }
-        let exchange = self.topology.jobs_exchange();
+        let (exchange, key) = (self.topology.jobs_exchange(), route.routing_key());
         let publish = Publish {
             exchange: &exchange,
-            key: lane.routing_key(),
+            key: &key,
             mandatory: true,
             body,
             props,

@@ -5,7 +5,8 @@
 //! ```text
 //! {p}.jobs (direct) ──interactive──▶ {p}.jobs       (quorum, delivery limit, DLX {p}.dlx)
 //!                   └────bulk──────▶ {p}.jobs.bulk  (quorum, delivery limit, DLX {p}.dlx)
-//! {p}.jobs.retry.{lane}.{n} (quorum, TTL 1s·4ⁿ) ──dead-letter──▶ {p}.jobs with the lane's key
+//!                   ──{lane}.{slug}─▶ {p}.jobs.{lane}.{slug}   (a model's pool, declared by its workers)
+//! {p}.jobs.retry.{lane}.{n}[.{slug}] (quorum, TTL 1s·4ⁿ) ──dead-letter──▶ {p}.jobs with the route's key
 //! {p}.dlx (fanout) ──▶ {p}.jobs.dead (quorum)
 //! {p}.events (topic: job.started|progress|succeeded|failed|expired|canceled)
 //! {p}.control (fanout) ──▶ one exclusive queue per worker
@@ -14,12 +15,22 @@
 //! ```
 //! Delayed retry uses TTL'd queues that dead-letter back to the job exchange, so it needs no broker
 //! plugin and works from RabbitMQ 3.10 (quorum queues with message TTL) through 4.x.
+//!
+//! Routing by model: a job that names a model is published with the key `{lane}.{slug}`
+//! ([`Route`], the slug of [`ModelSlug`]); only the workers serving that model declare and bind its
+//! pool's queues, so the broker itself knows which models are served. A mandatory publish for a model
+//! no pool declared comes back unroutable, and its producer fails the job at once
+//! (`model_not_served`). Jobs that name no model keep the lane keys and the default pool's queues.
+//! Pool queue names put the slug last (`{p}.jobs.{lane}.{slug}`, `{p}.jobs.retry.{lane}.{n}.{slug}`),
+//! so no slug can produce a name of the default pool (`{p}.jobs.bulk`, `{p}.jobs.dead`).
 
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
+
+use crate::job::{ModelSlug, Rejection};
 
 /// Which job queue a message came from. Interactive jobs are served before bulk ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -45,6 +56,36 @@ impl Lane {
         match self {
             Self::Interactive => "interactive",
             Self::Bulk => "bulk",
+        }
+    }
+}
+
+/// Where a job is published and consumed: its lane, and the pool of the model it names (`None`: the
+/// default pool, which takes the jobs that name no model).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub lane: Lane,
+    pub pool: Option<ModelSlug>,
+}
+
+impl From<Lane> for Route {
+    fn from(lane: Lane) -> Self {
+        Self { lane, pool: None }
+    }
+}
+
+impl Route {
+    /// The route of a job on `lane` naming `model` (or none).
+    pub fn of(lane: Lane, model: Option<&str>) -> Result<Self, Rejection> {
+        let pool = model.map(ModelSlug::of).transpose()?;
+        Ok(Self { lane, pool })
+    }
+
+    /// The routing key on the job exchange: the lane's, then `.{slug}` for a model's pool.
+    pub fn routing_key(&self) -> String {
+        match &self.pool {
+            None => self.lane.routing_key().to_string(),
+            Some(slug) => format!("{}.{slug}", self.lane.routing_key()),
         }
     }
 }
@@ -88,10 +129,28 @@ impl Topology {
         format!("{}.jobs", self.prefix)
     }
 
+    /// The default pool's queue of a lane.
     pub fn queue(&self, lane: Lane) -> String {
         match lane {
             Lane::Interactive => format!("{}.jobs", self.prefix),
             Lane::Bulk => format!("{}.jobs.bulk", self.prefix),
+        }
+    }
+
+    /// The queue of a route: the default pool's, or `{p}.jobs.{lane}.{slug}` for a model's pool.
+    pub fn route_queue(&self, route: &Route) -> String {
+        match &route.pool {
+            None => self.queue(route.lane),
+            Some(slug) => format!("{}.jobs.{}.{slug}", self.prefix, route.lane.routing_key()),
+        }
+    }
+
+    /// A route's retry queue of level `level`: `{p}.jobs.retry.{lane}.{level}[.{slug}]`.
+    pub fn route_retry_queue(&self, route: &Route, level: usize) -> String {
+        let base = self.retry_queue(route.lane, level);
+        match &route.pool {
+            None => base,
+            Some(slug) => format!("{base}.{slug}"),
         }
     }
 
@@ -135,7 +194,8 @@ impl Topology {
         (attempt.saturating_sub(1) as usize).min(self.retry_delays.len().saturating_sub(1))
     }
 
-    /// Arguments of the two job queues (also written into `infra/` definitions).
+    /// Arguments of every job queue, the default pool's and the models' (also written into `infra/`
+    /// definitions).
     pub fn job_queue_arguments(&self) -> FieldTable {
         table(&[
             ("x-queue-type", text("quorum")),
@@ -187,34 +247,7 @@ impl Topology {
             ..Default::default()
         };
         for lane in Lane::ALL {
-            let q = self.queue(lane);
-            ch.queue_declare(q.as_str().into(), durable_q, self.job_queue_arguments())
-                .await?;
-            ch.queue_bind(
-                q.as_str().into(),
-                self.jobs_exchange().as_str().into(),
-                lane.routing_key().into(),
-                QueueBindOptions::default(),
-                none(),
-            )
-            .await?;
-            for (level, delay) in self.retry_delays.iter().enumerate() {
-                let args = table(&[
-                    ("x-queue-type", text("quorum")),
-                    (
-                        "x-message-ttl",
-                        AMQPValue::LongInt(delay.as_millis() as i32),
-                    ),
-                    ("x-dead-letter-exchange", text(&self.jobs_exchange())),
-                    ("x-dead-letter-routing-key", text(lane.routing_key())),
-                ]);
-                ch.queue_declare(
-                    self.retry_queue(lane, level).as_str().into(),
-                    durable_q,
-                    args,
-                )
-                .await?;
-            }
+            self.declare_route(ch, &Route::from(lane)).await?;
         }
         let dead = self.dead_queue();
         ch.queue_declare(
@@ -236,6 +269,54 @@ impl Topology {
 }
 
 impl Topology {
+    /// Declares the pool of the model `slug` (both lanes, their retry queues) on top of
+    /// [`Topology::declare`]: what a worker serving that model does at every connect. From then on
+    /// the broker routes the model's jobs, also while the pool has scaled to zero.
+    pub async fn declare_pool(&self, ch: &Channel, slug: &ModelSlug) -> lapin::Result<()> {
+        for lane in Lane::ALL {
+            let route = Route {
+                lane,
+                pool: Some(slug.clone()),
+            };
+            self.declare_route(ch, &route).await?;
+        }
+        Ok(())
+    }
+
+    /// A route's queue, bound with its key, and its retry queues, which dead-letter back with it.
+    async fn declare_route(&self, ch: &Channel, route: &Route) -> lapin::Result<()> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let (queue, key) = (self.route_queue(route), route.routing_key());
+        ch.queue_declare(queue.as_str().into(), durable, self.job_queue_arguments())
+            .await?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            self.jobs_exchange().as_str().into(),
+            key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        for (level, delay) in self.retry_delays.iter().enumerate() {
+            let args = table(&[
+                ("x-queue-type", text("quorum")),
+                (
+                    "x-message-ttl",
+                    AMQPValue::LongInt(delay.as_millis() as i32),
+                ),
+                ("x-dead-letter-exchange", text(&self.jobs_exchange())),
+                ("x-dead-letter-routing-key", text(&key)),
+            ]);
+            let retry = self.route_retry_queue(route, level);
+            ch.queue_declare(retry.as_str().into(), durable, args)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Declares the webhook relay's queues: the work queue bound to every relayed event type,
     /// `retry_levels` delayed-retry queues that dead-letter back to it, and the dead queue.
     pub(super) async fn declare_webhooks(
@@ -296,6 +377,43 @@ mod tests {
         assert_eq!(t.dead_queue(), "t2i.jobs.dead");
         assert_eq!(t.retry_queue(Lane::Bulk, 2), "t2i.jobs.retry.bulk.2");
         assert_eq!(t.events_exchange(), "t2i.events");
+    }
+
+    #[test]
+    fn a_models_pool_has_its_own_keys_and_queues_that_no_slug_can_clash_with() {
+        let t = Topology::default();
+        let vega = Route::of(Lane::Bulk, Some("segmind/Segmind-Vega")).unwrap();
+        assert_eq!(vega.routing_key(), "bulk.segmind-vega");
+        assert_eq!(t.route_queue(&vega), "t2i.jobs.bulk.segmind-vega");
+        assert_eq!(
+            t.route_retry_queue(&vega, 1),
+            "t2i.jobs.retry.bulk.1.segmind-vega"
+        );
+        let plain = Route::of(Lane::Interactive, None).unwrap();
+        assert_eq!(plain.routing_key(), "interactive");
+        assert_eq!(t.route_queue(&plain), "t2i.jobs");
+        assert_eq!(
+            t.route_retry_queue(&plain, 0),
+            "t2i.jobs.retry.interactive.0"
+        );
+        // Models named like the default pool's queues still get queues of their own.
+        for name in ["bulk", "dead", "retry", "jobs"] {
+            for lane in Lane::ALL {
+                let r = Route::of(lane, Some(name)).unwrap();
+                let q = t.route_queue(&r);
+                assert!(
+                    ![
+                        t.queue(Lane::Interactive),
+                        t.queue(Lane::Bulk),
+                        t.dead_queue()
+                    ]
+                    .contains(&q),
+                    "{q}"
+                );
+                assert_ne!(r.routing_key(), lane.routing_key());
+            }
+        }
+        assert!(Route::of(Lane::Bulk, Some("")).is_err());
     }
 
     #[test]

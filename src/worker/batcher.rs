@@ -142,7 +142,7 @@ mod tests {
             seed: Some(1),
             ..Default::default()
         };
-        Job::parse(req, &Limits::default(), &ModelDefaults::default(), "m").unwrap()
+        Job::parse(req, &Limits::default(), &ModelDefaults::default()).unwrap()
     }
 
     fn pending(id: &str, lane: Lane, steps: u32, n: u32, at: Instant) -> Pending<()> {

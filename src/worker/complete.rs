@@ -35,7 +35,7 @@ use crate::events::{
 };
 use crate::image::{ImageMetadata, ParametersText, encode, parameters_text};
 use crate::job::{Job, JobId, Rejection};
-use crate::queue::{Delivered, Lane, Publisher, QueueError, ReplyTo};
+use crate::queue::{Delivered, Publisher, QueueError, ReplyTo, Route};
 use crate::records::{self, JobState, Record};
 use crate::storage::{ImageStore, ObjectKey, StorageError};
 
@@ -70,7 +70,8 @@ impl EventSink for Publisher {
 /// What the worker knows of a job's delivery, besides the job itself.
 #[derive(Debug, Clone)]
 pub struct JobMeta {
-    pub lane: Lane,
+    /// The queue it came from: its lane (for the batcher) and pool (for a delayed retry).
+    pub route: Route,
     /// 1 for the first delivery; retries carry the next number.
     pub attempt: u32,
     /// When this worker received it.

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 use super::*;
 use crate::job::{Limits, ModelDefaults, parse_job_body};
+use crate::queue::Lane;
 use crate::worker::fakes::{MemoryStore, RecordingSink};
 use crate::worker::intake::{Contract, Intake, intake};
 
@@ -37,7 +38,6 @@ fn job(body: &str) -> Job {
         body.as_bytes(),
         &Limits::default(),
         &ModelDefaults::default(),
-        MODEL,
     )
     .expect("a valid job")
 }
@@ -51,7 +51,7 @@ fn fox() -> Job {
 
 fn meta(attempt: u32) -> JobMeta {
     JobMeta {
-        lane: Lane::Interactive,
+        route: Lane::Interactive.into(),
         attempt,
         arrived: Instant::now(),
         published: None,
@@ -306,6 +306,41 @@ async fn intake_decides_each_delivery_once() {
     {
         Intake::Invalid(bad) => assert_eq!(bad.rejection.field, "width"),
         _ => panic!("a width of 65 is invalid"),
+    }
+}
+
+#[tokio::test]
+async fn a_job_for_another_model_fails_as_not_served_naming_it_without_retry() {
+    let store = MemoryStore::default();
+    let vega = r#"{"job_id": "v-1", "prompt": "x", "model": "segmind/Segmind-Vega"}"#;
+    let Intake::Settled(job, action) = decide(&store, vega, false).await else {
+        panic!("a job for another model is settled at intake");
+    };
+    assert!(matches!(action, Action::Fail(ErrorCode::ModelNotServed, _)));
+    let c = completion(5);
+    assert_eq!(c.act(&job, &meta(1), action).await, Outcome::Rejected);
+    let e = c.sink.last();
+    assert_eq!(e.kind, "t2i.job.failed");
+    let error = e.data.error.expect("an error");
+    assert_eq!(error.code, ErrorCode::ModelNotServed);
+    assert!(
+        error.message.contains("segmind/Segmind-Vega"),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains("`<lane>.segmind-vega`"),
+        "{}",
+        error.message
+    );
+    assert!(!error.retryable);
+    // Its own model, by repo id, short name or folder name, is served.
+    for same in ["segmind/SSD-1B", "SSD-1B", "/models/ssd-1b"] {
+        let body = format!(r#"{{"job_id": "s-1", "prompt": "x", "model": "{same}"}}"#);
+        assert!(
+            matches!(decide(&store, &body, false).await, Intake::Render(_)),
+            "{same}"
+        );
     }
 }
 

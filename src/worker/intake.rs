@@ -12,8 +12,8 @@ use time::OffsetDateTime;
 
 use super::complete::Action;
 use crate::control::ControlMessage;
-use crate::events::{EventData, EventKind};
-use crate::job::{BadBody, Job, Limits, ModelDefaults, parse_job_body};
+use crate::events::{ErrorCode, EventData, EventKind};
+use crate::job::{BadBody, Job, Limits, ModelDefaults, ModelSlug, model_matches, parse_job_body};
 use crate::storage::{ImageStore, ObjectKey};
 
 /// Jobs and batches canceled through the control exchange (kept for the life of the process).
@@ -58,13 +58,15 @@ pub enum Intake {
 pub struct Contract<'a> {
     pub limits: &'a Limits,
     pub defaults: &'a ModelDefaults,
-    /// The model this worker serves: a job naming another one is invalid here.
+    /// The model this worker serves: a job naming another one was misrouted here (published on the
+    /// default pool's keys, or into a queue its pool does not own) and fails with `model_not_served`.
     pub model: &'a str,
 }
 
 /// Decides what becomes of a delivery before it waits for the device, in this order: invalid →
-/// rejected; already done (`result.json` stored) → re-announced; the store unreachable → retried
-/// later; deadline passed → expired; canceled → canceled; otherwise it waits for a batch.
+/// rejected; for another model → failed (`model_not_served`); already done (`result.json`
+/// stored) → re-announced; the store unreachable → retried later; deadline passed → expired;
+/// canceled → canceled; otherwise it waits for a batch.
 pub async fn intake<S: ImageStore>(
     body: &[u8],
     contract: &Contract<'_>,
@@ -72,10 +74,23 @@ pub async fn intake<S: ImageStore>(
     cancelled: impl FnOnce(&Job) -> bool,
     now: OffsetDateTime,
 ) -> Intake {
-    let job = match parse_job_body(body, contract.limits, contract.defaults, contract.model) {
+    let job = match parse_job_body(body, contract.limits, contract.defaults) {
         Ok(j) => Box::new(j),
         Err(bad) => return Intake::Invalid(bad),
     };
+    if let Some(asked) = job.model.as_deref()
+        && !model_matches(asked, contract.model)
+    {
+        let served = contract.model;
+        let message = match ModelSlug::of(asked) {
+            Ok(slug) => format!(
+                "model {asked:?} is not served by this worker (it serves {served:?}); jobs for it \
+                 are published with the routing key `<lane>.{slug}`, which only its pool binds"
+            ),
+            Err(_) => format!("model {asked:?} is not served by this worker ({served:?})"),
+        };
+        return Intake::Settled(job, Action::Fail(ErrorCode::ModelNotServed, message));
+    }
     let result_key = ObjectKey::result(&job.output.key_prefix, &job.job_id);
     match store.get(&result_key).await {
         Ok(Some(bytes)) => {

@@ -1,4 +1,6 @@
-//! One broker connection's worth of work: declare, consume the lanes and the control fanout, and
+//! One broker connection's worth of work: declare (the topology and the served model's pool), consume
+//! the routes (each lane of the model's pool, and of the default pool unless `--default-pool false`)
+//! and the control fanout, and
 //! move every delivery along its path — [`intake`] → the [`Batcher`] → [`render_batch`] → the
 //! completion handler — settling each delivery by the [`Outcome`] it ends with ([`settle`]).
 //!
@@ -20,7 +22,7 @@ use super::intake::{Contract, Intake, intake};
 use super::render::{BatchResult, RenderCtx, render_batch};
 use super::{InHand, Shared};
 use crate::events::EventKind;
-use crate::queue::{Connection, Consumer, Delivery, Lane, Publisher, QueueError};
+use crate::queue::{Connection, Consumer, Delivery, Publisher, QueueError, Route};
 use crate::storage::ImageStore;
 
 pub enum SessionEnd {
@@ -46,8 +48,8 @@ const CONNECTION_CHECK: Duration = Duration::from_secs(1);
 /// What a session consumes from, once declared.
 struct Opened {
     ctx: Arc<RenderCtx>,
-    interactive: Option<Consumer>,
-    bulk: Option<Consumer>,
+    /// One consumer per route; which lane a delivery is on decides its place in the batcher.
+    jobs: Vec<(Route, Consumer)>,
     control: Consumer,
 }
 
@@ -70,7 +72,8 @@ pub async fn session(
 
 async fn open(sh: &Shared, conn: &Connection) -> Result<Opened, QueueError> {
     let cfg = &sh.cfg;
-    conn.declare(&cfg.topology).await?;
+    conn.declare_pools(&cfg.topology, std::slice::from_ref(&cfg.pool))
+        .await?;
     let publisher = conn.publisher(&cfg.topology).await?;
     let completion = Arc::new(Completion {
         store: sh.store.clone(),
@@ -91,23 +94,22 @@ async fn open(sh: &Shared, conn: &Connection) -> Result<Opened, QueueError> {
         job_timeout: cfg.job_timeout,
         progress_interval: cfg.progress_interval,
     });
-    let (mut interactive, mut bulk) = (None, None);
+    let mut jobs = Vec::new();
     for &lane in &cfg.lanes {
-        let c = conn
-            .consume_lane(&cfg.topology, lane, &cfg.worker_id, cfg.prefetch)
-            .await?;
-        match lane {
-            Lane::Interactive => interactive = Some(c),
-            Lane::Bulk => bulk = Some(c),
+        let own = Route {
+            lane,
+            pool: Some(cfg.pool.clone()),
+        };
+        let routes = std::iter::once(own).chain(cfg.default_pool.then_some(Route::from(lane)));
+        for route in routes {
+            let c = conn
+                .consume_route(&cfg.topology, &route, &cfg.worker_id, cfg.prefetch)
+                .await?;
+            jobs.push((route, c));
         }
     }
     let control = conn.subscribe_control(&cfg.topology).await?;
-    Ok(Opened {
-        ctx,
-        interactive,
-        bulk,
-        control,
-    })
+    Ok(Opened { ctx, jobs, control })
 }
 
 /// Settles a delivery as its outcome says; a settle that fails means the channel is gone, so the
@@ -115,14 +117,14 @@ async fn open(sh: &Shared, conn: &Connection) -> Result<Opened, QueueError> {
 async fn settle(
     outcome: Outcome,
     delivery: &Delivery,
-    lane: Lane,
+    route: &Route,
     publisher: &Publisher,
     broken: &CancellationToken,
 ) {
     let settled = match outcome {
         Outcome::Completed => delivery.ack().await,
         Outcome::Rejected => delivery.reject().await,
-        Outcome::Retry => match publisher.retry(lane, delivery).await {
+        Outcome::Retry => match publisher.retry(route, delivery).await {
             Ok(()) => delivery.ack().await,
             Err(e) => Err(e),
         },
@@ -152,13 +154,13 @@ impl Work {
         let (ctx, broken) = (self.ctx.clone(), self.broken.clone());
         self.tracker.spawn(async move {
             let outcome = ctx.completion.act(&h.job, &h.meta, action).await;
-            settle(outcome, &h.delivery, h.meta.lane, &ctx.publisher, &broken).await;
+            settle(outcome, &h.delivery, &h.meta.route, &ctx.publisher, &broken).await;
         });
     }
 
     /// Intake of one delivery, off the session loop (it may read the store): settled at once, or
     /// sent to the batcher through `ready`.
-    fn intake(&self, sh: &Shared, d: Delivery, lane: Lane, ready: &mpsc::Sender<InHand>) {
+    fn intake(&self, sh: &Shared, d: Delivery, route: Route, ready: &mpsc::Sender<InHand>) {
         let (ctx, broken, ready) = (self.ctx.clone(), self.broken.clone(), ready.clone());
         let (cfg, defaults, cancels) = (sh.cfg.clone(), sh.defaults, sh.cancellations.clone());
         let store = sh.store.clone();
@@ -166,7 +168,7 @@ impl Work {
             // Held from receipt: a delivery settled at intake is counted for as long as it takes.
             let held = ctx.metrics.hold();
             let meta = JobMeta {
-                lane,
+                route,
                 attempt: d.attempt(),
                 arrived: Instant::now(),
                 published: d.published_at(),
@@ -198,7 +200,7 @@ impl Work {
                     return;
                 }
             };
-            settle(outcome, &d, lane, &ctx.publisher, &broken).await;
+            settle(outcome, &d, &meta.route, &ctx.publisher, &broken).await;
         });
     }
 
@@ -219,12 +221,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The next delivery of a lane's consumer, or never when the lane is not consumed.
-async fn next_delivery(lane: &mut Option<Consumer>) -> Option<Result<Delivery, QueueError>> {
-    match lane {
-        Some(consumer) => consumer.next().await,
-        None => std::future::pending().await,
+/// The next delivery of any job consumer, with the index of its route. Dropping it loses nothing:
+/// each consumer's `next` only takes a delivery off its stream when it resolves.
+async fn next_delivery(
+    jobs: &mut [(Route, Consumer)],
+) -> (usize, Option<Result<Delivery, QueueError>>) {
+    if jobs.is_empty() {
+        return std::future::pending().await;
     }
+    let next = jobs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, (_, consumer))| Box::pin(async move { (i, consumer.next().await) }));
+    futures_util::future::select_all(next).await.0
 }
 
 async fn run(
@@ -236,8 +245,7 @@ async fn run(
     let cfg = &sh.cfg;
     let Opened {
         ctx,
-        mut interactive,
-        mut bulk,
+        mut jobs,
         mut control,
     } = opened;
     let work = Work {
@@ -276,15 +284,13 @@ async fn run(
                     break Ok(SessionEnd::ConnectionLost("the connection is down".into()));
                 }
             }
-            d = next_delivery(&mut interactive) => match d {
-                Some(Ok(d)) => work.intake(sh, d, Lane::Interactive, &ready_tx),
+            (i, d) = next_delivery(&mut jobs) => match d {
+                Some(Ok(d)) => work.intake(sh, d, jobs[i].0.clone(), &ready_tx),
                 Some(Err(e)) => break Ok(SessionEnd::ConnectionLost(e.to_string())),
-                None => break Ok(SessionEnd::ConnectionLost("interactive consumer closed".into())),
-            },
-            d = next_delivery(&mut bulk) => match d {
-                Some(Ok(d)) => work.intake(sh, d, Lane::Bulk, &ready_tx),
-                Some(Err(e)) => break Ok(SessionEnd::ConnectionLost(e.to_string())),
-                None => break Ok(SessionEnd::ConnectionLost("bulk consumer closed".into())),
+                None => {
+                    let key = jobs[i].0.routing_key();
+                    break Ok(SessionEnd::ConnectionLost(format!("consumer of {key} closed")));
+                }
             },
             c = control.next() => match c {
                 Some(Ok(d)) => {
@@ -296,7 +302,7 @@ async fn run(
                 None => break Ok(SessionEnd::ConnectionLost("control consumer closed".into())),
             },
             Some(h) = ready_rx.recv() => {
-                let (job, lane, arrived) = (h.job.clone(), h.meta.lane, h.meta.arrived);
+                let (job, lane, arrived) = (h.job.clone(), h.meta.route.lane, h.meta.arrived);
                 batcher.push(Pending { job, lane, arrived, extra: h });
             },
             r = render_done => {
@@ -336,7 +342,8 @@ async fn run(
             }
         }
     };
-    teardown(sh, conn, work, batcher, inflight, [interactive, bulk]).await;
+    let consumers: Vec<Consumer> = jobs.into_iter().map(|(_, c)| c).collect();
+    teardown(sh, conn, work, batcher, inflight, consumers).await;
     end
 }
 
@@ -348,7 +355,7 @@ async fn teardown(
     work: Work,
     mut batcher: Batcher<InHand>,
     inflight: Option<tokio::task::JoinHandle<Result<(), String>>>,
-    consumers: [Option<Consumer>; 2],
+    consumers: Vec<Consumer>,
 ) {
     let grace = sh.cfg.grace_period;
     if !batcher.is_empty() {
@@ -361,7 +368,7 @@ async fn teardown(
     // settle here would only wait out its timeout.
     let connected = conn.is_connected();
     if connected {
-        for c in consumers.iter().flatten() {
+        for c in &consumers {
             c.cancel().await;
         }
     }

@@ -216,7 +216,7 @@ impl World {
 
     pub async fn publish(&self, lane: Lane, job_id: &str, body: &[u8]) {
         self.publisher
-            .job(lane, job_id, body, None)
+            .job(&lane.into(), job_id, body, None)
             .await
             .expect("publish");
     }
@@ -335,6 +335,29 @@ impl World {
         q.message_count()
     }
 
+    /// Deletes the queues of the model pools `slugs` (workers declared them for this test).
+    pub async fn delete_pools(&self, slugs: &[&str]) {
+        let ch = self.conn.raw().create_channel().await.unwrap();
+        for slug in slugs {
+            let slug = t2i_worker::job::ModelSlug::of(slug).unwrap();
+            for lane in Lane::ALL {
+                let route = t2i_worker::queue::Route {
+                    lane,
+                    pool: Some(slug.clone()),
+                };
+                let mut queues = vec![self.topology.route_queue(&route)];
+                for level in 0..self.topology.retry_delays.len() {
+                    queues.push(self.topology.route_retry_queue(&route, level));
+                }
+                for q in queues {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+            }
+        }
+    }
+
     /// Deletes this test's queues (exchanges are cheap and left).
     pub async fn cleanup(self) {
         let ch = self.conn.raw().create_channel().await.unwrap();
@@ -365,8 +388,13 @@ pub struct WorkerProc {
 
 impl WorkerProc {
     pub fn spawn(world: &World, id: &str, extra: &[&str]) -> Self {
+        Self::spawn_model(world, id, "ssd-1b-tiny", extra)
+    }
+
+    /// A worker serving the tiny fixture model `model` (`tests/fixtures/models/<model>`).
+    pub fn spawn_model(world: &World, id: &str, model: &str, extra: &[&str]) -> Self {
         let http_port = free_port();
-        let model = model_dir("ssd-1b-tiny");
+        let model = model_dir(model);
         let log = std::env::temp_dir().join(format!("{}-{id}.log", world.prefix));
         let delays: Vec<String> = world
             .topology

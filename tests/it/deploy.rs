@@ -2,7 +2,9 @@
 //! into RabbitMQ) must describe exactly the topology `t2i worker` declares. Both go into their own
 //! vhost on the real broker, the worker's declaration is also run against the imported one (RabbitMQ
 //! refuses a redeclaration whose arguments differ), and the queues, exchanges and bindings the broker
-//! reports for the two vhosts are compared.
+//! reports for the two vhosts are compared. The file also holds the queues of the model pools
+//! `infra/base` deploys ([`DEPLOYED_MODELS`]), so that their jobs are routed before a worker of the
+//! pool has ever started (KEDA scales those pools from zero).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,6 +13,10 @@ use serde_json::Value;
 use t2i_worker::queue::Topology;
 
 use crate::broker::serial;
+
+/// The models of the pools in `infra/base`: `T2I_MODEL` of `config.yaml` (the SSD-1B pools) and
+/// of `worker-vega.yaml`.
+const DEPLOYED_MODELS: [&str; 2] = ["segmind/SSD-1B", "segmind/Segmind-Vega"];
 
 const FROM_FILE: &str = "t2i-test-definitions";
 const FROM_CODE: &str = "t2i-test-topology";
@@ -68,9 +74,25 @@ async fn declare_topology(vhost: &str) -> lapin::Result<()> {
     let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
     let conn = lapin::Connection::connect(&url, Default::default()).await?;
     let ch = conn.create_channel().await?;
-    let declared = Topology::default().declare(&ch).await;
+    let topology = Topology::default();
+    let mut declared = topology.declare(&ch).await;
+    for model in DEPLOYED_MODELS {
+        let slug = t2i_worker::job::ModelSlug::of(model).unwrap();
+        if declared.is_ok() {
+            declared = topology.declare_pool(&ch, &slug).await;
+        }
+    }
     let _ = conn.close(0, "done".into()).await;
     declared
+}
+
+#[test]
+fn the_deployed_models_are_the_ones_infra_names() {
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("infra/base");
+    let config = std::fs::read_to_string(base.join("config.yaml")).unwrap();
+    assert!(config.contains(&format!("T2I_MODEL: {}", DEPLOYED_MODELS[0])));
+    let vega = std::fs::read_to_string(base.join("worker-vega.yaml")).unwrap();
+    assert!(vega.contains(&format!("value: {}", DEPLOYED_MODELS[1])));
 }
 
 #[tokio::test]

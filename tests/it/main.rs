@@ -10,6 +10,7 @@
 //! * `api`: `t2i gateway` against its OpenAPI document (schemathesis) and issue 16's holes in it.
 //! * `jobs`: every job state over HTTP (`GET`/`DELETE /v1/jobs/{id}`) from the store's records.
 //! * `receivers`: webhook receivers with their own secrets, rotation, 410 → disabled, replay.
+//! * `routing`: two pools of different models on one broker; jobs for a model no pool serves.
 //! * `deploy`: the RabbitMQ definitions in `infra/` against the topology the worker declares.
 
 mod api;
@@ -24,6 +25,7 @@ mod jobs;
 mod parity;
 mod parity_sd;
 mod receivers;
+mod routing;
 mod support;
 mod webhooks;
 mod worker;

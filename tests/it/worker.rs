@@ -589,7 +589,7 @@ async fn deadlines_reply_to_reannouncement_and_cancellation_follow_the_contract(
     world
         .publisher
         .job(
-            Lane::Interactive,
+            &Lane::Interactive.into(),
             "asked",
             &job("asked", 32, 32, 1, "euler", 5, 1),
             Some(&reply_to),
