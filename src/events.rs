@@ -225,6 +225,18 @@ pub struct EventData {
     pub prompt_truncated: bool,
     pub batch: Option<serde_json::Value>,
     pub metadata: Option<serde_json::Value>,
+    /// `not_run`: the model ships a safety checker (SD 1.x) and no worker runs it, so images are
+    /// not screened. Absent when the model ships none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety_checker: Option<SafetyChecker>,
+}
+
+/// What became of a model's safety checker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SafetyChecker {
+    /// Shipped in the model folder, not run.
+    NotRun,
 }
 
 /// A CloudEvents 1.0 envelope in structured mode (`application/cloudevents+json`).
@@ -278,6 +290,7 @@ impl EventData {
                 .as_ref()
                 .and_then(|b| serde_json::to_value(b).ok()),
             metadata: job.metadata.clone(),
+            safety_checker: None,
         }
     }
 }
@@ -341,6 +354,7 @@ mod tests {
             prompt_truncated: false,
             batch: None,
             metadata: None,
+            safety_checker: None,
         }
     }
 

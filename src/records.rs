@@ -279,6 +279,7 @@ mod tests {
             prompt_truncated: false,
             batch: None,
             metadata: None,
+            safety_checker: None,
         }
     }
 

@@ -319,6 +319,7 @@ mod tests {
             prompt_truncated: false,
             batch: None,
             metadata: Some(serde_json::json!({ "template_vars": tv })),
+            safety_checker: None,
         }
     }
 
@@ -344,6 +345,7 @@ mod tests {
         let plain: Vec<EventData> = (0..5)
             .map(|_| EventData {
                 metadata: None,
+                safety_checker: None,
                 ..job(&[])
             })
             .collect();

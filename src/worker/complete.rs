@@ -31,7 +31,7 @@ use time::OffsetDateTime;
 
 use super::metrics::Metrics;
 use crate::events::{
-    CloudEvent, ErrorCode, ErrorInfo, EventData, EventKind, ImageRecord, TimingsMs,
+    CloudEvent, ErrorCode, ErrorInfo, EventData, EventKind, ImageRecord, SafetyChecker, TimingsMs,
 };
 use crate::image::{ImageMetadata, ParametersText, encode, parameters_text};
 use crate::job::{Job, JobId, Rejection};
@@ -127,6 +127,8 @@ pub struct Completion<St, Si> {
     /// As configured (`segmind/SSD-1B`), reported in events and image metadata.
     pub model: String,
     pub dtype: &'static str,
+    /// Reported in every event of a model that ships a safety checker (never run here).
+    pub safety_checker: Option<SafetyChecker>,
     /// Attempts before a transient failure becomes `job.failed` (the queue's delivery limit).
     pub max_attempts: u32,
     pub metrics: Arc<Metrics>,
@@ -135,7 +137,10 @@ pub struct Completion<St, Si> {
 impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
     /// The `data` every event of `job` starts from.
     pub fn data(&self, job: &Job, attempt: u32, kind: EventKind) -> EventData {
-        EventData::for_job(job, kind.status(), attempt, &self.worker_id, &self.model)
+        let mut data =
+            EventData::for_job(job, kind.status(), attempt, &self.worker_id, &self.model);
+        data.safety_checker = self.safety_checker;
+        data
     }
 
     pub fn event(&self, kind: EventKind, data: EventData) -> CloudEvent {
@@ -269,6 +274,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
             prompt_truncated: false,
             batch: None,
             metadata: None,
+            safety_checker: None,
         };
         tracing::info!(job = %key, field = %rejection.field, reason = %rejection.reason, "rejected");
         // Its key prefix is part of what could not be read: the record goes to the store root.

@@ -28,6 +28,7 @@ fn on_worker(worker: &str, max_attempts: u32) -> Completion<MemoryStore, Recordi
         source: "/t2i-worker/t2i".into(),
         model: MODEL.into(),
         dtype: "f32",
+        safety_checker: None,
         max_attempts,
         metrics: Metrics::new(&prometheus::Registry::new()),
     }

@@ -29,6 +29,7 @@ use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::WorkerConfig;
+use crate::events::SafetyChecker;
 use crate::health::Health;
 use crate::job::{Generation, GenerationRequest, Job, ModelDefaults};
 use crate::pipeline::runner::Runner;
@@ -53,6 +54,7 @@ pub struct InHand {
 pub(crate) struct Shared {
     cfg: Arc<WorkerConfig>,
     defaults: ModelDefaults,
+    safety_checker: Option<SafetyChecker>,
     runner: Runner,
     store: Arc<Store>,
     health: Arc<Health>,
@@ -78,11 +80,17 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
             .await
             .with_context(|| format!("opening storage {}", cfg.storage))?,
     );
-    let (runner, defaults, device) = warm_up(&cfg).await?;
+    let Warm {
+        runner,
+        defaults,
+        safety_checker,
+        device,
+    } = warm_up(&cfg).await?;
     metrics.watch_device(health.registry(), &device);
     let shared = Shared {
         cfg: Arc::new(cfg),
         defaults,
+        safety_checker,
         runner,
         store,
         health,
@@ -124,9 +132,17 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     Ok(())
 }
 
+/// A loaded, warmed-up model and what the worker reports about it.
+struct Warm {
+    runner: Runner,
+    defaults: ModelDefaults,
+    safety_checker: Option<SafetyChecker>,
+    device: candle_core::Device,
+}
+
 /// Loads the model, renders one tiny image (the first render pays for allocations and kernel
 /// loading; do it before consuming), and starts the render thread.
-async fn warm_up(cfg: &WorkerConfig) -> Result<(Runner, ModelDefaults, candle_core::Device)> {
+async fn warm_up(cfg: &WorkerConfig) -> Result<Warm> {
     let model_cfg = cfg.model.clone();
     let loaded = tokio::task::spawn_blocking(move || {
         let loaded = model_cfg.load()?;
@@ -151,7 +167,17 @@ async fn warm_up(cfg: &WorkerConfig) -> Result<(Runner, ModelDefaults, candle_co
     .with_context(|| format!("loading model {}", cfg.model.spec))?;
     tracing::info!(model = %cfg.model.spec, load_s = loaded.load_time.as_secs_f64(), "model warm");
     let defaults = loaded.pipeline.model_defaults();
+    let safety_checker = loaded
+        .pipeline
+        .index()
+        .has_safety_checker
+        .then_some(SafetyChecker::NotRun);
     let device = loaded.pipeline.device().clone();
     let (runner, _thread) = Runner::spawn(loaded.pipeline).context("starting the render thread")?;
-    Ok((runner, defaults, device))
+    Ok(Warm {
+        runner,
+        defaults,
+        safety_checker,
+        device,
+    })
 }

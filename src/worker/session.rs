@@ -82,6 +82,7 @@ async fn open(sh: &Shared, conn: &Connection) -> Result<Opened, QueueError> {
         source: cfg.event_source.clone(),
         model: cfg.model.spec.clone(),
         dtype: cfg.model.dtype_name(),
+        safety_checker: sh.safety_checker,
         max_attempts: cfg.topology.delivery_limit.max(1),
         metrics: sh.metrics.clone(),
     });

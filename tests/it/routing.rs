@@ -1,7 +1,8 @@
 //! Routing by model on the real broker: two worker pools with different tiny fixture models, jobs for
 //! each (and for none) land on the right pool; a job for a model no pool serves fails at once at its
 //! producer (`t2i enqueue`, `t2i gateway`) with `model_not_served`; a job for another model published
-//! on the default pool's key is failed the same way by the worker that got it.
+//! on the default pool's key is failed the same way by the worker that got it; an SD 1.5 pool serves its
+//! jobs with its own defaults.
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -260,5 +261,60 @@ async fn a_pools_delayed_retry_comes_back_to_that_pools_queue() {
         "not the default pool's"
     );
     world.delete_pools(&["segmind-vega"]).await;
+    world.cleanup().await;
+}
+
+/// An SD 1.5 pool beside the SDXL-family ones: a job naming it takes that model's defaults (size,
+/// sampler, guidance), its progress counts PNDM's extra UNet evaluation, and every event says the
+/// safety checker its folder ships was not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sd15_pool_renders_with_its_own_defaults_and_says_its_safety_checker_is_not_run() {
+    let _g = serial().await;
+    let mut world = World::new("sd15-pool").await;
+    let sd = WorkerProc::spawn_model(&world, "w-sd15", "sd15-tiny", &["--default-pool", "false"]);
+    let route = Route::of(Lane::Interactive, Some("sd15-tiny")).unwrap();
+    let body = json!({"job_id": "sd-1", "prompt": "a lighthouse", "steps": 2, "seed": 5,
+                      "model": "sd15-tiny"})
+    .to_string();
+    let sent = world
+        .publisher
+        .job(&route, "sd-1", body.as_bytes(), None)
+        .await;
+    assert_eq!(sent.unwrap(), Delivered::Routed);
+    let done = |seen: &[CloudEvent]| seen.iter().any(|e| e.kind == "t2i.job.succeeded");
+    let ended = world.collect_until(Duration::from_secs(120), done).await;
+    assert!(ended, "{}", sd.log_tail(20));
+    let events: Vec<&CloudEvent> = world.seen.iter().filter(|e| e.subject == "sd-1").collect();
+    let succeeded = events
+        .iter()
+        .find(|e| e.kind == "t2i.job.succeeded")
+        .unwrap();
+    let params = succeeded.data.params.as_ref().unwrap();
+    // sd15-tiny: unet sample_size 8 × 8 px, PNDMScheduler shipped, StableDiffusionPipeline's 7.5.
+    assert_eq!(
+        (
+            &params["width"],
+            &params["scheduler"],
+            &params["guidance_scale"]
+        ),
+        (&json!(64), &json!("pndm"), &json!(7.5)),
+        "{params}"
+    );
+    for e in &events {
+        assert_eq!(
+            e.data.safety_checker,
+            Some(t2i_worker::events::SafetyChecker::NotRun),
+            "{}",
+            e.kind
+        );
+    }
+    let last = events
+        .iter()
+        .filter_map(|e| e.data.progress.as_ref())
+        .map(|p| (p.step, p.total))
+        .max();
+    assert_eq!(last, Some((3, 3)), "2 PNDM steps are 3 UNet evaluations");
+    drop(sd);
+    world.delete_pools(&["sd15-tiny"]).await;
     world.cleanup().await;
 }
