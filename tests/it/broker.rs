@@ -358,8 +358,10 @@ impl World {
         }
     }
 
-    /// Deletes this test's queues (exchanges are cheap and left).
+    /// Deletes this test's queues (exchanges are cheap and left), the model pools' queues that its
+    /// workers declared included: quorum queues left behind pile up on the test broker.
     pub async fn cleanup(self) {
+        self.delete_pools(&FIXTURE_MODELS).await;
         let ch = self.conn.raw().create_channel().await.unwrap();
         let mut queues = vec![self.events_queue.clone(), self.topology.dead_queue()];
         for lane in Lane::ALL {
@@ -376,6 +378,16 @@ impl World {
         self.conn.close("done").await;
     }
 }
+
+/// The fixture models a test worker may serve (`tests/fixtures/models/`), whose pools `cleanup`
+/// deletes.
+const FIXTURE_MODELS: [&str; 5] = [
+    "ssd-1b-tiny",
+    "sdxl-tiny",
+    "vega-tiny",
+    "sd15-tiny",
+    "sd21-v-tiny",
+];
 
 /// A `t2i worker` process serving `world` with the tiny SSD-1B fixture.
 pub struct WorkerProc {

@@ -13,7 +13,7 @@ pub(crate) fn t2i(args: &[&str]) -> Output {
     t2i_env(args, &[])
 }
 
-fn t2i_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) fn t2i_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_t2i"));
     cmd.args(args)
         .env_remove("T2I_MODEL")
@@ -316,13 +316,13 @@ fn repo_ids_resolve_through_the_hub_cache_offline_with_revision_pinning() {
 /// A minimal stand-in for the Hugging Face hub's HTTP API, enough for hf-hub's sync client: repo info
 /// (`/api/models/{repo}/revision/{rev}`) and ranged file downloads (`/{repo}/resolve/{rev}/{file}`)
 /// with `ETag`, `X-Repo-Commit` and `Content-Range`. Serves one local folder as repo `test/tiny`.
-struct MockHub {
-    addr: String,
-    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+pub(crate) struct MockHub {
+    pub addr: String,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl MockHub {
-    fn serve(root: PathBuf, commit: &'static str) -> Self {
+    pub(crate) fn serve(root: PathBuf, commit: &'static str) -> Self {
         use std::io::{BufRead, BufReader, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());

@@ -6,7 +6,7 @@ use candle_core::{DType, IndexOp};
 use t2i_worker::pipeline::scheduler::{SchedulerConfig, SchedulerKind};
 use t2i_worker::pipeline::{Family, Variant};
 
-use crate::cli::{latents_file, path_str, read_png, stderr, t2i};
+use crate::cli::{MockHub, latents_file, path_str, read_png, stderr, t2i, t2i_env};
 use crate::parity::{check_schedules, max_pixel_diff, run_case};
 use crate::support::{Reference, assert_close, load_pipeline, max_abs_diff, model_dir};
 
@@ -200,13 +200,7 @@ fn sd_defaults_come_from_the_model_files() {
 #[test]
 fn a_folder_the_pipeline_cannot_serve_names_the_file_and_the_key() {
     let copy = |edit: &dyn Fn(&std::path::Path)| {
-        let dir = tempfile::tempdir().unwrap();
-        let src = model_dir("sd15-tiny");
-        for entry in walk(&src) {
-            let dst = dir.path().join(entry.strip_prefix(&src).unwrap());
-            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-            std::fs::copy(&entry, &dst).unwrap();
-        }
+        let dir = copy_of("sd15-tiny");
         edit(dir.path());
         dir
     };
@@ -265,6 +259,81 @@ fn a_folder_the_pipeline_cannot_serve_names_the_file_and_the_key() {
         err.contains("unet/config.json") && err.contains("cross_attention_dim"),
         "{err}"
     );
+}
+
+/// An SD 1.5 repo id on a hub that also has the safety checker and feature extractor SD v1-5 ships:
+/// only what the pipeline reads is downloaded (one text encoder and tokenizer, no safety checker),
+/// and the cached snapshot then renders offline.
+#[test]
+fn an_sd15_repo_downloads_one_text_encoder_and_never_the_safety_checker() {
+    let repo = copy_of("sd15-tiny");
+    for (file, bytes) in [
+        ("safety_checker/config.json", &b"{}"[..]),
+        ("safety_checker/model.safetensors", &b"not read"[..]),
+        ("feature_extractor/preprocessor_config.json", &b"{}"[..]),
+    ] {
+        let path = repo.path().join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let hub = MockHub::serve(repo.path().to_path_buf(), commit);
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("out.png");
+    let args = [
+        "generate",
+        "--model",
+        "test/tiny",
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+        "--quiet",
+        "--output",
+        path_str(&out),
+    ];
+    let o = t2i_env(
+        &args,
+        &[
+            ("HF_HOME", path_str(home.path())),
+            ("HF_ENDPOINT", &hub.addr),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let requests = hub.requests.lock().unwrap().clone();
+    for absent in [
+        "safety_checker",
+        "feature_extractor",
+        "text_encoder_2",
+        "tokenizer_2",
+    ] {
+        assert!(
+            !requests.iter().any(|r| r.contains(absent)),
+            "{absent} was requested: {requests:?}"
+        );
+    }
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.contains("text_encoder/model.safetensors"))
+    );
+    let o = t2i_env(
+        &args,
+        &[("HF_HOME", path_str(home.path())), ("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(o.status.success(), "offline: {}", stderr(&o));
+}
+
+/// A scratch copy of a fixture model folder.
+fn copy_of(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = model_dir(name);
+    for entry in walk(&src) {
+        let dst = dir.path().join(entry.strip_prefix(&src).unwrap());
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &dst).unwrap();
+    }
+    dir
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
