@@ -1,6 +1,6 @@
 //! Grouping compatible jobs into one device batch. Pure: no clock of its own, no broker.
 //!
-//! Jobs are compatible when they share size, steps, sampler and guidance
+//! Jobs are compatible when they share size, steps, sampler, guidance and long-prompt mode
 //! (`Generation::is_batchable_with`). The head of the interactive queue always goes first, so a bulk
 //! backlog delays an interactive job by at most the batch already on the device; bulk jobs with the
 //! same parameters may ride along. A batch that is not full waits at most `window` after its oldest
