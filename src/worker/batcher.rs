@@ -189,6 +189,32 @@ mod tests {
     }
 
     #[test]
+    fn jobs_with_different_long_prompt_modes_are_not_batched() {
+        let t = Instant::now();
+        let mut b = Batcher::new(4, Duration::ZERO);
+        let with_mode = |id: &str, mode: Option<&str>| {
+            let req = JobRequest {
+                job_id: id.into(),
+                prompt: "x".into(),
+                seed: Some(1),
+                long_prompt: mode.map(str::to_string),
+                ..Default::default()
+            };
+            Pending {
+                job: Job::parse(req, &Limits::default(), &ModelDefaults::default()).unwrap(),
+                lane: Lane::Interactive,
+                arrived: t,
+                extra: (),
+            }
+        };
+        b.push(with_mode("a", None));
+        b.push(with_mode("b", Some("truncate")));
+        b.push(with_mode("c", Some("chunk")));
+        assert_eq!(ids(b.next_batch(t)), vec!["a", "c"]);
+        assert_eq!(ids(b.next_batch(t)), vec!["b"]);
+    }
+
+    #[test]
     fn a_partial_batch_waits_for_the_window_then_goes() {
         let t = Instant::now();
         let mut b = Batcher::new(4, Duration::from_millis(50));
