@@ -364,8 +364,8 @@ impl Pipeline {
     ///
     /// Images whose long prompts need different context lengths are rendered one group after the
     /// other ([`prompt::TextEncoders::context_groups`]), each image from its own seed's noise, so
-    /// that a batch still renders every image as it would alone; `on_step` then sees each group's
-    /// steps in turn.
+    /// that a batch still renders every image as it would alone; `on_step` then counts the groups'
+    /// steps one after the other (`total` = groups × steps).
     pub fn render(
         &self,
         batch: &RenderBatch,
@@ -379,11 +379,21 @@ impl Pipeline {
         let mut images = vec![None; n];
         let mut truncated = vec![false; n];
         let mut timings = PhaseTimings::default();
-        for members in groups {
+        let count = groups.len();
+        for (g, members) in groups.into_iter().enumerate() {
             let sub = batch
                 .subset(&members)
                 .map_err(|e| PipelineError::Latents(e.to_string()))?;
-            let rendered = self.render_group(&sub, on_step)?;
+            // Progress counts over the whole batch: group g's step s is step g·total + s of
+            // count·total (every group runs the same steps and sampler).
+            let mut remapped = |s: StepProgress<'_>| {
+                on_step(StepProgress {
+                    step: g * s.total + s.step,
+                    total: count * s.total,
+                    ..s
+                })
+            };
+            let rendered = self.render_group(&sub, &mut remapped)?;
             timings.add(&rendered.timings);
             for ((i, image), cut) in members
                 .into_iter()

@@ -256,7 +256,15 @@ fn a_batch_of_mixed_lengths_renders_every_image_as_alone() {
             latents: None,
         };
         let render = |b: &RenderBatch| p.render(b, &mut |_| ControlFlow::Continue(())).unwrap();
-        let together = render(&batch);
+        // Two groups of two steps: progress counts 1..=4 of 4.
+        let mut seen = Vec::new();
+        let together = p
+            .render(&batch, &mut |s| {
+                seen.push((s.step, s.total));
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)], "{model}");
         assert_eq!(together.images.len(), images.len());
         for (i, image) in images.into_iter().enumerate() {
             let alone = render(&RenderBatch {
