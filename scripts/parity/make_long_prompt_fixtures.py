@@ -18,7 +18,7 @@ plain text; the script asserts that compel's tokens equal the tokenizer's own. I
 `encode_prompt` (which truncates at 77) for the same prompts: the worker's `long_prompt: "truncate"` mode
 must keep giving exactly that.
 
-Run (the parity venv plus `pip install compel==2.5.1`):  python scripts/parity/make_long_prompt_fixtures.py
+Run (requirements.txt beside it, which pins compel):  python scripts/parity/make_long_prompt_fixtures.py
 """
 
 import argparse
@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 
 # 3 chunks on the fixtures' tokenizer: > 2 × 75 tokens.
 LONG = ", ".join(["a photo of a cat sitting on the table in the sea"] * 14)
-# Exactly 76 tokens is checked by the Rust tests from the token ids; here: a long negative with a short positive.
+# A long negative with a short positive: the positive is padded. (The 75/76-token boundary is checked by
+# tests/it/long_prompt.rs on its own.)
 LONG_NEGATIVE = ", ".join(["blurry, dark, ugly photo of a dog"] * 12)
 CASES = [
     dict(name="long_positive", prompt=LONG, negative="blurry"),

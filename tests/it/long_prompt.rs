@@ -9,9 +9,10 @@ use candle_core::{DType, IndexOp, Tensor};
 use t2i_worker::job::LongPrompt;
 use t2i_worker::pipeline::prompt::MAX_CHUNKS;
 use t2i_worker::pipeline::scheduler::SchedulerKind;
+use t2i_worker::pipeline::tokenizer::ClipTokenizer;
 use t2i_worker::pipeline::{ImageSpec, Pipeline, RenderBatch, Variant};
 
-use crate::support::{Reference, assert_close, load_pipeline, max_abs_diff};
+use crate::support::{Reference, assert_close, load_pipeline, max_abs_diff, model_dir};
 
 /// The bound of the module parity tests (parity.rs): 1e-4 relative to the reference's magnitude.
 const TOL: f64 = 1e-4;
@@ -87,6 +88,30 @@ fn chunked_prompts_and_padded_negatives_match_compel() {
             }
             // Nothing was cut: every case fits in MAX_CHUNKS chunks.
             assert_eq!(emb.truncated, vec![false, false], "{key}");
+        }
+    }
+}
+
+#[test]
+fn chunk_ids_are_compels() {
+    let r = Reference::load("long-prompt");
+    for (family, model) in FAMILIES {
+        let folders: &[(&str, &str)] = match family {
+            "sdxl" => &[("tokenizer", "ids1"), ("tokenizer_2", "ids2")],
+            _ => &[("tokenizer", "ids1")],
+        };
+        for (folder, ids) in folders {
+            let tok = ClipTokenizer::load(&model_dir(model).join(folder), CONTEXT).unwrap();
+            for case in cases(&r, family) {
+                let key = format!("{family}.{}.{ids}", case["name"].as_str().unwrap());
+                let want: Vec<i64> = r.get(&key).flatten_all().unwrap().to_vec1().unwrap();
+                let got = tok
+                    .encode_chunks(case["prompt"].as_str().unwrap(), MAX_CHUNKS)
+                    .unwrap();
+                assert!(!got.truncated);
+                let got: Vec<i64> = got.chunks.concat().into_iter().map(i64::from).collect();
+                assert_eq!(got, want, "{model} {folder} {key}");
+            }
         }
     }
 }
