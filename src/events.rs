@@ -220,7 +220,8 @@ pub struct EventData {
     pub error: Option<ErrorInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<ProgressInfo>,
-    /// The prompt was longer than the 77-token CLIP context and was cut.
+    /// Part of the prompt was cut: past CLIP's 77 tokens with `long_prompt: "truncate"`, past 10
+    /// chunks of 75 tokens with `chunk`.
     #[serde(default)]
     pub prompt_truncated: bool,
     pub batch: Option<serde_json::Value>,

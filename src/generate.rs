@@ -146,7 +146,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         if rendered.truncated.iter().any(|&t| t) {
             bar.suspend(|| {
-                eprintln!("warning: a prompt was longer than 77 tokens and was truncated")
+                eprintln!(
+                    "warning: a prompt was truncated (past 77 tokens with --long-prompt truncate, \
+                     past {} chunks of 75 tokens with chunk)",
+                    crate::pipeline::prompt::MAX_CHUNKS
+                )
             });
         }
         timings.encode += t.elapsed();

@@ -10,10 +10,12 @@
 use serde::{Deserialize, Serialize};
 
 mod format;
+mod long_prompt;
 pub mod message;
 pub mod model;
 mod sampler;
 pub use format::ImageFormat;
+pub use long_prompt::LongPrompt;
 pub use message::{BadBody, Job, JobId, JobRequest, OutputSpec, parse_job_body};
 pub use model::{ModelSlug, model_matches};
 pub use sampler::SchedulerKind;
@@ -39,6 +41,9 @@ pub struct GenerationRequest {
     pub seed: Option<u64>,
     #[serde(default)]
     pub num_images: Option<u32>,
+    /// `chunk` or `truncate` ([`LongPrompt`]); absent: `chunk`.
+    #[serde(default)]
+    pub long_prompt: Option<String>,
 }
 
 /// Operator-configured bounds (`t2i` flags); defaults from docs/architecture.md §2 "Job message".
@@ -133,6 +138,8 @@ pub struct Generation {
     /// Whether the seed was drawn by us rather than given (reported, never hidden).
     pub seed_was_random: bool,
     pub num_images: u32,
+    /// How prompts over the encoders' 77 tokens are encoded.
+    pub long_prompt: LongPrompt,
 }
 
 impl Generation {
@@ -206,6 +213,17 @@ impl Generation {
         {
             return Err(Rejection::new("scheduler", format!("\"{scheduler}\""), why));
         }
+        let long_prompt = match req.long_prompt.as_deref() {
+            None => LongPrompt::default(),
+            Some(s) => LongPrompt::parse(s).ok_or_else(|| {
+                let names: Vec<&str> = LongPrompt::ALL.iter().map(|k| k.as_str()).collect();
+                Rejection::new(
+                    "long_prompt",
+                    format!("\"{s}\""),
+                    format!("must be one of {}", names.join(", ")),
+                )
+            })?,
+        };
         let num_images = req.num_images.unwrap_or(1);
         if num_images == 0 || num_images > limits.max_images {
             return Err(Rejection::new(
@@ -229,6 +247,7 @@ impl Generation {
             seed,
             seed_was_random,
             num_images,
+            long_prompt,
         })
     }
 
@@ -237,11 +256,13 @@ impl Generation {
         self.seed.wrapping_add(index as u64)
     }
 
-    /// Whether two generations can share a pipeline batch (same size, steps, sampler, guidance).
+    /// Whether two generations can share a pipeline batch (same size, steps, sampler, guidance and
+    /// long-prompt mode: the mode decides the batch's context length).
     pub fn is_batchable_with(&self, other: &Generation) -> bool {
         (self.width, self.height, self.steps, self.scheduler)
             == (other.width, other.height, other.steps, other.scheduler)
             && self.guidance_scale == other.guidance_scale
+            && self.long_prompt == other.long_prompt
     }
 }
 
@@ -359,6 +380,27 @@ mod tests {
         .unwrap();
         let seeds: Vec<u64> = (0..g.num_images).map(|i| g.image_seed(i)).collect();
         assert_eq!(seeds, vec![u64::MAX, 0]);
+    }
+
+    #[test]
+    fn long_prompt_defaults_to_chunk_and_splits_batches() {
+        let chunk = parse(req("x")).unwrap();
+        assert_eq!(chunk.long_prompt, LongPrompt::Chunk);
+        let truncate = parse(GenerationRequest {
+            long_prompt: Some("truncate".into()),
+            ..req("x")
+        })
+        .unwrap();
+        assert_eq!(truncate.long_prompt, LongPrompt::Truncate);
+        assert!(!chunk.is_batchable_with(&truncate));
+        assert!(chunk.is_batchable_with(&chunk.clone()));
+        let e = parse(GenerationRequest {
+            long_prompt: Some("split".into()),
+            ..req("x")
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "long_prompt");
+        assert!(e.reason.contains("chunk, truncate"), "{e}");
     }
 
     #[test]

@@ -214,6 +214,11 @@ pub struct GenerationArgs {
     /// euler for SSD-1B, pndm for SD 1.5].
     #[arg(long)]
     pub scheduler: Option<String>,
+
+    /// Prompts over CLIP's 77 tokens: chunk (every 75 tokens encoded as a chunk of their own and
+    /// concatenated) or truncate (cut at 77 tokens, as diffusers does) [default: chunk].
+    #[arg(long)]
+    pub long_prompt: Option<String>,
 }
 
 impl GenerationArgs {
@@ -229,6 +234,7 @@ impl GenerationArgs {
             scheduler: self.scheduler.clone(),
             seed: None,
             num_images: None,
+            long_prompt: self.long_prompt.clone(),
         }
     }
 }

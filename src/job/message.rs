@@ -43,7 +43,8 @@ pub struct JobRequest {
         extend("not" = {"enum": [".", "..", "_index"]})
     )]
     pub job_id: String,
-    /// At most 4000 characters; CLIP sees the first 77 tokens (truncation is reported).
+    /// At most 4000 characters. Longer than CLIP's 77 tokens it is encoded in 75-token chunks
+    /// (`long_prompt`), at most 10 of them; whatever is cut is reported (`prompt_truncated`).
     #[schemars(length(max = 4000))]
     pub prompt: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,6 +73,12 @@ pub struct JobRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 8))]
     pub num_images: Option<u32>,
+    /// Prompts over CLIP's 77 tokens: `chunk` encodes every 75 tokens as a chunk of their own and
+    /// concatenates them (the negative prompt padded to as many chunks), `truncate` cuts at 77 tokens
+    /// as diffusers does [default: chunk].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["chunk", "truncate"]))]
+    pub long_prompt: Option<String>,
     /// The model the job is for: a hub repo id (`segmind/SSD-1B`), its short name (`SSD-1B`) or a
     /// model folder's name. It routes the job to the pool serving that model (`{lane}.{slug}`, the
     /// slug being the last segment, lowercased); with no pool serving it, the job fails at once with
@@ -285,6 +292,7 @@ impl Job {
                 scheduler: req.scheduler,
                 seed: req.seed,
                 num_images: req.num_images,
+                long_prompt: req.long_prompt,
             },
             limits,
             defaults,
@@ -417,6 +425,7 @@ impl Job {
             scheduler: Some(g.scheduler.as_str().to_string()),
             seed: Some(g.seed),
             num_images: Some(g.num_images),
+            long_prompt: Some(g.long_prompt.as_str().to_string()),
             model: self.model.clone(),
             output: Some(OutputRequest {
                 format: Some(self.output.format),

@@ -20,7 +20,7 @@ use proptest::test_runner::TestRunner;
 use serde_json::Value;
 
 use super::*;
-use crate::job::SchedulerKind;
+use crate::job::{LongPrompt, SchedulerKind};
 use crate::storage::{INDEX_PREFIX, ObjectKey};
 
 /// Cases per property in a plain `cargo test`: about a second each in a debug build on one core.
@@ -184,6 +184,15 @@ fn scheduler() -> BoxedStrategy<String> {
     .boxed()
 }
 
+fn long_prompt() -> BoxedStrategy<String> {
+    let names: Vec<&str> = LongPrompt::ALL.iter().map(|k| k.as_str()).collect();
+    prop_oneof![
+        24 => prop::sample::select(names).prop_map(string),
+        1 => prop::sample::select(vec!["CHUNK", "split", "truncate ", ""]).prop_map(string),
+    ]
+    .boxed()
+}
+
 fn model() -> BoxedStrategy<String> {
     prop_oneof![
         24 => prop::sample::select(vec!["segmind/SSD-1B", "SSD-1B", "ssd-1b", "/models/SSD-1B/"]),
@@ -312,6 +321,7 @@ pub(crate) fn near_valid_job() -> BoxedStrategy<String> {
             small(any::<u64>().prop_map(|s| s.to_string()).boxed()),
         ),
         ("num_images", small(number_in(1, 8))),
+        ("long_prompt", small(long_prompt())),
         ("model", small(model())),
         ("output", small(output())),
         ("webhook", small(webhook())),
@@ -414,7 +424,7 @@ fn top(field: &str) -> String {
 
 /// `body` (the whole message), a contract field, or a member the body actually has.
 fn names_a_member(body: &[u8], field: &str) -> bool {
-    const FIELDS: [&str; 16] = [
+    const FIELDS: [&str; 17] = [
         "job_id",
         "prompt",
         "negative_prompt",
@@ -425,6 +435,7 @@ fn names_a_member(body: &[u8], field: &str) -> bool {
         "scheduler",
         "seed",
         "num_images",
+        "long_prompt",
         "model",
         "output",
         "webhook",

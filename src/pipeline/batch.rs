@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use image::RgbImage;
 
 use super::SchedulerKind;
-use crate::job::Generation;
+use crate::job::{Generation, LongPrompt};
 
 /// One image of a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,7 +20,7 @@ pub struct ImageSpec {
     pub seed: u64,
 }
 
-/// Images rendered together: one size, step count, sampler and guidance scale.
+/// Images rendered together: one size, step count, sampler, guidance scale and long-prompt mode.
 #[derive(Debug, Clone)]
 pub struct RenderBatch {
     pub images: Vec<ImageSpec>,
@@ -29,6 +29,8 @@ pub struct RenderBatch {
     pub steps: usize,
     pub guidance_scale: f64,
     pub scheduler: SchedulerKind,
+    /// How prompts over 77 tokens are encoded (`prompt.rs`).
+    pub long_prompt: LongPrompt,
     /// Explicit unscaled initial latents `(B, 4, h/8, w/8)`, like diffusers' `latents=`; the seeds still
     /// drive per-step noise.
     pub latents: Option<Tensor>,
@@ -57,8 +59,26 @@ impl RenderBatch {
             steps: g.steps as usize,
             guidance_scale: g.guidance_scale,
             scheduler: g.scheduler,
+            long_prompt: g.long_prompt,
             latents: None,
         }
+    }
+
+    /// The images `indices` of this batch (and their rows of explicit latents), the rest as is.
+    pub(crate) fn subset(&self, indices: &[usize]) -> candle_core::Result<Self> {
+        let latents = match &self.latents {
+            Some(l) => {
+                let rows: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+                let rows = Tensor::from_vec(rows, indices.len(), l.device())?;
+                Some(l.index_select(&rows, 0)?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            images: indices.iter().map(|&i| self.images[i].clone()).collect(),
+            latents,
+            ..self.clone()
+        })
     }
 
     /// The same batch from explicit initial latents (diffusers' `latents=`).
@@ -77,10 +97,21 @@ pub struct PhaseTimings {
     pub vae_decode: Duration,
 }
 
+impl PhaseTimings {
+    /// Adds the phases of a render that ran after this one (a batch rendered in groups).
+    pub(crate) fn add(&mut self, other: &PhaseTimings) {
+        self.text_encode += other.text_encode;
+        self.denoise += other.denoise;
+        self.steps += other.steps;
+        self.vae_decode += other.vae_decode;
+    }
+}
+
 #[derive(Debug)]
 pub struct Rendered {
     pub images: Vec<RgbImage>,
-    /// Per image: the prompt was longer than the 77-token context and was cut.
+    /// Per image: part of the prompt was cut (past 77 tokens with `truncate`, past the chunk bound
+    /// with `chunk`).
     pub truncated: Vec<bool>,
     pub timings: PhaseTimings,
 }

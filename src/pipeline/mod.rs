@@ -309,9 +309,19 @@ impl Pipeline {
         self.text.tokenize(text)
     }
 
-    /// diffusers `encode_prompt` for a list of texts, without CFG handling.
+    /// diffusers `encode_prompt` for a list of texts, without CFG handling (cut at 77 tokens).
     pub fn encode_prompts(&self, texts: &[&str]) -> Result<PromptEmbeddings, PipelineError> {
         self.text.encode_prompts(texts)
+    }
+
+    /// Embeddings for a list of texts with prompts over 77 tokens encoded as `mode` says (`chunk`:
+    /// compel's chunked encoding, every text padded to the same number of chunks).
+    pub fn encode_prompts_as(
+        &self,
+        texts: &[&str],
+        mode: crate::job::LongPrompt,
+    ) -> Result<PromptEmbeddings, PipelineError> {
+        self.text.encode_prompts_as(texts, mode)
     }
 
     /// Initial noise from each image's seed, or the caller's latents after a shape check.
@@ -351,7 +361,58 @@ impl Pipeline {
     }
 
     /// Renders a batch. `on_step` is called after every denoising step and may stop the run.
+    ///
+    /// Images whose long prompts need different context lengths are rendered one group after the
+    /// other ([`prompt::TextEncoders::context_groups`]), each image from its own seed's noise, so
+    /// that a batch still renders every image as it would alone; `on_step` then counts the groups'
+    /// steps one after the other (`total` = groups × steps).
     pub fn render(
+        &self,
+        batch: &RenderBatch,
+        on_step: &mut dyn FnMut(StepProgress<'_>) -> ControlFlow<()>,
+    ) -> Result<Rendered, PipelineError> {
+        let groups = self.text.context_groups(batch)?;
+        if groups.len() <= 1 {
+            return self.render_group(batch, on_step);
+        }
+        let n = batch.images.len();
+        let mut images = vec![None; n];
+        let mut truncated = vec![false; n];
+        let mut timings = PhaseTimings::default();
+        let count = groups.len();
+        for (g, members) in groups.into_iter().enumerate() {
+            let sub = batch
+                .subset(&members)
+                .map_err(|e| PipelineError::Latents(e.to_string()))?;
+            // Progress counts over the whole batch: group g's step s is step g·total + s of
+            // count·total (every group runs the same steps and sampler).
+            let mut remapped = |s: StepProgress<'_>| {
+                on_step(StepProgress {
+                    step: g * s.total + s.step,
+                    total: count * s.total,
+                    ..s
+                })
+            };
+            let rendered = self.render_group(&sub, &mut remapped)?;
+            timings.add(&rendered.timings);
+            for ((i, image), cut) in members
+                .into_iter()
+                .zip(rendered.images)
+                .zip(rendered.truncated)
+            {
+                images[i] = Some(image);
+                truncated[i] = cut;
+            }
+        }
+        Ok(Rendered {
+            images: images.into_iter().flatten().collect(),
+            truncated,
+            timings,
+        })
+    }
+
+    /// One render of the whole batch from its seeds' noise.
+    fn render_group(
         &self,
         batch: &RenderBatch,
         on_step: &mut dyn FnMut(StepProgress<'_>) -> ControlFlow<()>,
@@ -362,7 +423,8 @@ impl Pipeline {
     }
 
     /// [`Pipeline::render`] with the per-step noise source supplied (tests inject diffusers' draws).
-    /// Initial latents still come from `noise` when `batch.latents` is `None`.
+    /// Initial latents still come from `noise` when `batch.latents` is `None`. The whole batch is
+    /// one CFG batch: with `chunk`, every prompt is padded to the longest one's chunks.
     pub fn render_with_noise(
         &self,
         batch: &RenderBatch,

@@ -6,6 +6,16 @@
 //! |---|---|---|---|
 //! | SDXL (`StableDiffusionXLPipeline`) | `text_encoder`, `text_encoder_2` | both penultimate states, concatenated | encoder 2's projection |
 //! | SD 1.x/2.x (`StableDiffusionPipeline`) | `text_encoder` | its last hidden state (final layer norm) | none |
+//!
+//! Prompts over 77 tokens ([`LongPrompt`]): `truncate` is diffusers' `encode_prompt` (cut at 77);
+//! `chunk` reproduces compel 2.5.1 with `truncate_long_prompts=False` and
+//! `split_long_text_mode=BRUTAL` (docs/model-notes.md §2): every encoder's ids cut into 75-token
+//! chunks, each encoded on its own as `BOS … EOS pad…`, the chunks' states concatenated along the
+//! tokens; every text of one call padded with the empty prompt's chunk to the longest's count
+//! (compel's `pad_conditioning_tensors_to_same_length`, and CompelForSDXL's padding of the shorter
+//! encoder); the pooled embedding from the first chunk (compel's `get_pooled_embeddings` encodes the
+//! prompt truncated at 77, which is exactly that chunk). compel's weighting syntax is not parsed:
+//! texts are encoded literally, as diffusers encodes them.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,10 +29,20 @@ use super::clip::{ClipOutput, ClipTextEncoder};
 use super::config::{ClipConfig, ConfigError, Family, ModelIndex};
 use super::denoise::uses_guidance;
 use super::tokenizer::{ClipTokenizer, Tokens};
+use crate::job::LongPrompt;
+
+/// Most chunks one prompt is encoded in with [`LongPrompt::Chunk`]: 10 × 75 = 750 tokens, past
+/// which the rest is cut and reported. The UNet's cross-attention time and its attention-score
+/// memory grow linearly with the context (10 chunks: 770 tokens, ten times the 77-token cost);
+/// a 4000-character prompt (the contract's `max_prompt_chars`) of ordinary English is about 1000
+/// CLIP tokens, so this keeps most of it while a prompt of pathological characters (one byte-level
+/// token per UTF-8 byte: up to 16000 tokens) cannot blow up a render.
+pub const MAX_CHUNKS: usize = 10;
 
 /// Prompt embeddings for a list of texts.
 pub struct PromptEmbeddings {
-    /// `(N, 77, cross_attention_dim)`: the family's context states (SDXL: both encoders' concatenated).
+    /// `(N, 77·chunks, cross_attention_dim)`: the family's context states (SDXL: both encoders'
+    /// concatenated); one chunk unless [`LongPrompt::Chunk`] met a prompt over 75 tokens.
     pub context: Tensor,
     /// `(N, projection_dim)`: encoder 2's pooled projection (SDXL family only).
     pub pooled: Option<Tensor>,
@@ -153,7 +173,121 @@ impl TextEncoders {
             .collect()
     }
 
-    /// diffusers `encode_prompt` for a list of texts, without CFG handling.
+    /// Embeddings for a list of texts in `mode`, without CFG handling; every text gets the same
+    /// context length.
+    pub(crate) fn encode_prompts_as(
+        &self,
+        texts: &[&str],
+        mode: LongPrompt,
+    ) -> Result<PromptEmbeddings, PipelineError> {
+        match mode {
+            LongPrompt::Truncate => self.encode_prompts(texts),
+            LongPrompt::Chunk => self.encode_chunked(texts),
+        }
+    }
+
+    /// compel's long-prompt encoding (module docs): chunks of 75 tokens, every text padded with
+    /// the empty prompt's chunk to the longest text's count, over every encoder.
+    fn encode_chunked(&self, texts: &[&str]) -> Result<PromptEmbeddings, PipelineError> {
+        let mut truncated = vec![false; texts.len()];
+        let mut per_encoder = Vec::with_capacity(self.encoders.len());
+        for encoder in &self.encoders {
+            let mut column = Vec::with_capacity(texts.len());
+            for (i, text) in texts.iter().enumerate() {
+                let chunks = encoder
+                    .tokenizer
+                    .encode_chunks(text, MAX_CHUNKS)
+                    .map_err(PipelineError::Tokenize)?;
+                truncated[i] |= chunks.truncated;
+                column.push(chunks.chunks);
+            }
+            per_encoder.push(column);
+        }
+        let count = per_encoder
+            .iter()
+            .flatten()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let e = PipelineError::EncodePrompt;
+        let mut hidden = Vec::with_capacity(self.encoders.len());
+        let mut pooled = None;
+        for (encoder, column) in self.encoders.iter().zip(per_encoder) {
+            let empty = encoder.tokenizer.empty_chunk();
+            // One encoder row per chunk, text by text: chunk c of text t is row t·count + c.
+            let rows: Vec<Vec<u32>> = column
+                .into_iter()
+                .flat_map(|mut chunks| {
+                    chunks.resize(count, empty.clone());
+                    chunks
+                })
+                .collect();
+            let out = encoder.encoder.forward(&rows).map_err(e)?;
+            let (_, len, width) = out.hidden.dims3().map_err(e)?;
+            hidden.push(
+                out.hidden
+                    .reshape((texts.len(), count * len, width))
+                    .map_err(e)?,
+            );
+            if let Some(all) = out.pooled {
+                let first: Vec<u32> = (0..texts.len()).map(|t| (t * count) as u32).collect();
+                let first = Tensor::from_vec(first, texts.len(), all.device()).map_err(e)?;
+                pooled = pooled.or(Some(all.index_select(&first, 0).map_err(e)?));
+            }
+        }
+        let context = match hidden.len() {
+            1 => hidden.pop().expect("one encoder"),
+            _ => Tensor::cat(&hidden, 2).map_err(e)?,
+        };
+        Ok(PromptEmbeddings {
+            context,
+            pooled,
+            truncated,
+        })
+    }
+
+    /// Images of `batch` that can share a render without changing a pixel, in batch order: with
+    /// [`LongPrompt::Chunk`] an image's context is as long as its longer prompt (positive or
+    /// negative, in chunks), and padding it further with empty chunks (what one CFG batch of mixed
+    /// lengths would need) would change it, so images are grouped by that chunk count. One group
+    /// with `truncate`, or whenever every prompt fits one chunk.
+    pub(crate) fn context_groups(
+        &self,
+        batch: &RenderBatch,
+    ) -> Result<Vec<Vec<usize>>, PipelineError> {
+        if batch.long_prompt == LongPrompt::Truncate {
+            return Ok(vec![(0..batch.images.len()).collect()]);
+        }
+        let guided = uses_guidance(batch.guidance_scale);
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, img) in batch.images.iter().enumerate() {
+            let mut chunks = self.chunk_count(&img.prompt)?;
+            if let (true, Some(n)) = (guided, &img.negative_prompt) {
+                chunks = chunks.max(self.chunk_count(n)?);
+            }
+            match groups.iter_mut().find(|(c, _)| *c == chunks) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((chunks, vec![i])),
+            }
+        }
+        Ok(groups.into_iter().map(|(_, members)| members).collect())
+    }
+
+    /// Chunks `text` takes in [`LongPrompt::Chunk`] (the most over the encoders' tokenizers).
+    fn chunk_count(&self, text: &str) -> Result<usize, PipelineError> {
+        let mut most = 1;
+        for e in &self.encoders {
+            let chunks = e
+                .tokenizer
+                .encode_chunks(text, MAX_CHUNKS)
+                .map_err(PipelineError::Tokenize)?;
+            most = most.max(chunks.chunks.len());
+        }
+        Ok(most)
+    }
+
+    /// diffusers `encode_prompt` for a list of texts, without CFG handling (cut at 77 tokens).
     pub(crate) fn encode_prompts(&self, texts: &[&str]) -> Result<PromptEmbeddings, PipelineError> {
         let mut ids: Vec<Vec<Vec<u32>>> =
             vec![Vec::with_capacity(texts.len()); self.encoders.len()];
@@ -185,7 +319,8 @@ impl TextEncoders {
     }
 
     /// Context (and pooled) embeddings for the whole CFG batch, `[negatives ; positives]` (positives
-    /// only without guidance). Each distinct text is encoded once.
+    /// only without guidance). Each distinct text is encoded once, all of them in one call, so every
+    /// row has the same context length (a zero row takes its shape too).
     pub(crate) fn encode_batch(
         &self,
         batch: &RenderBatch,
@@ -212,7 +347,7 @@ impl TextEncoders {
                 unique.len() - 1
             });
         }
-        let emb = self.encode_prompts(&unique)?;
+        let emb = self.encode_prompts_as(&unique, batch.long_prompt)?;
         let e = PipelineError::EncodePrompt;
         let gather = |all: &Tensor| -> Result<Tensor, PipelineError> {
             let zero = all.get(0).and_then(|t| t.zeros_like()).map_err(e)?;

@@ -53,7 +53,22 @@ pub struct Tokens {
 
 pub struct ClipTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer without truncation, padding or BOS/EOS: the raw ids long prompts are
+    /// chunked from.
+    raw: Tokenizer,
     max_length: usize,
+    bos_id: u32,
+    eos_id: u32,
+    pad_id: u32,
+}
+
+/// A prompt's token ids in context-length chunks (long-prompt encoding, `prompt.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunks {
+    /// Each `max_length` (77) ids: BOS, up to `max_length - 2` (75) prompt ids, EOS, padding.
+    pub chunks: Vec<Vec<u32>>,
+    /// The prompt had more ids than `max_chunks` chunks hold and the rest was dropped.
+    pub truncated: bool,
 }
 
 impl ClipTokenizer {
@@ -108,6 +123,11 @@ impl ClipTokenizer {
             ])
             .map_err(|e| err(dir, e))?;
         let pad_id = id(&inner, &pad)?;
+        // A tokenizer.json may carry its own truncation and padding: the raw ids must have neither
+        // (BOS/EOS are left out by encoding without special tokens).
+        let mut raw = inner.clone();
+        raw.with_truncation(None).map_err(|e| err(dir, e))?;
+        raw.with_padding(None);
         let processor = TemplateProcessing::builder()
             .try_single(format!("{bos} $A {eos}"))
             .map_err(|e| err(dir, e))?
@@ -131,7 +151,14 @@ impl ClipTokenizer {
             pad_type_id: 0,
             pad_token: pad,
         }));
-        Ok(Self { inner, max_length })
+        Ok(Self {
+            inner,
+            raw,
+            max_length,
+            bos_id,
+            eos_id,
+            pad_id,
+        })
     }
 
     pub fn max_length(&self) -> usize {
@@ -144,6 +171,47 @@ impl ClipTokenizer {
             ids: enc.get_ids().to_vec(),
             truncated: !enc.get_overflowing().is_empty(),
         })
+    }
+
+    /// compel 2.5.1's `_chunk_and_pad_token_ids` with `SplitLongTextMode.BRUTAL`: the prompt's ids
+    /// (no truncation) cut every `max_length - 2` ids (75 = 77 minus BOS and EOS), each piece wrapped in
+    /// BOS … EOS and padded with this tokenizer's pad id to `max_length`. An empty prompt is one chunk
+    /// (`[BOS, EOS, pad…]`, what [`ClipTokenizer::encode`] gives for ""), and a prompt of exactly 75 ids
+    /// is one chunk, as in compel. At most `max_chunks` chunks are kept (the caller's bound).
+    pub fn encode_chunks(
+        &self,
+        text: &str,
+        max_chunks: usize,
+    ) -> Result<Chunks, tokenizers::Error> {
+        let enc = self.raw.encode(text, false)?;
+        let ids = enc.get_ids();
+        let body = self.max_length.saturating_sub(2).max(1);
+        let max_chunks = max_chunks.max(1);
+        let needed = ids.len().div_ceil(body).max(1);
+        let chunks = (0..needed.min(max_chunks))
+            .map(|c| {
+                let piece = &ids[(c * body).min(ids.len())..((c + 1) * body).min(ids.len())];
+                self.chunk_of(piece)
+            })
+            .collect();
+        Ok(Chunks {
+            chunks,
+            truncated: needed > max_chunks,
+        })
+    }
+
+    /// The chunk of the empty prompt: compel's `empty_z` tokens, which pad shorter conditionings.
+    pub fn empty_chunk(&self) -> Vec<u32> {
+        self.chunk_of(&[])
+    }
+
+    fn chunk_of(&self, piece: &[u32]) -> Vec<u32> {
+        let mut chunk = Vec::with_capacity(self.max_length);
+        chunk.push(self.bos_id);
+        chunk.extend_from_slice(piece);
+        chunk.push(self.eos_id);
+        chunk.resize(self.max_length, self.pad_id);
+        chunk
     }
 }
 

@@ -1,6 +1,6 @@
 //! Grouping compatible jobs into one device batch. Pure: no clock of its own, no broker.
 //!
-//! Jobs are compatible when they share size, steps, sampler and guidance
+//! Jobs are compatible when they share size, steps, sampler, guidance and long-prompt mode
 //! (`Generation::is_batchable_with`). The head of the interactive queue always goes first, so a bulk
 //! backlog delays an interactive job by at most the batch already on the device; bulk jobs with the
 //! same parameters may ride along. A batch that is not full waits at most `window` after its oldest
@@ -186,6 +186,32 @@ mod tests {
         assert_eq!(ids(b.next_batch(t)), vec!["b"]);
         assert_eq!(ids(b.next_batch(t)), vec!["d"]);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn jobs_with_different_long_prompt_modes_are_not_batched() {
+        let t = Instant::now();
+        let mut b = Batcher::new(4, Duration::ZERO);
+        let with_mode = |id: &str, mode: Option<&str>| {
+            let req = JobRequest {
+                job_id: id.into(),
+                prompt: "x".into(),
+                seed: Some(1),
+                long_prompt: mode.map(str::to_string),
+                ..Default::default()
+            };
+            Pending {
+                job: Job::parse(req, &Limits::default(), &ModelDefaults::default()).unwrap(),
+                lane: Lane::Interactive,
+                arrived: t,
+                extra: (),
+            }
+        };
+        b.push(with_mode("a", None));
+        b.push(with_mode("b", Some("truncate")));
+        b.push(with_mode("c", Some("chunk")));
+        assert_eq!(ids(b.next_batch(t)), vec!["a", "c"]);
+        assert_eq!(ids(b.next_batch(t)), vec!["b"]);
     }
 
     #[test]

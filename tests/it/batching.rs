@@ -109,6 +109,7 @@ fn a_render_is_bit_identical_whatever_the_batch() {
             steps: 4,
             guidance_scale,
             scheduler,
+            long_prompt: Default::default(),
             latents: None,
         };
         let together = p

@@ -3,6 +3,8 @@
 //! * `batching`: every stage and a whole render bit-identical whatever the batch (CPU).
 //! * `parity`, `parity_sd`: the pipeline against diffusers' own tensors on tiny random-weight models
 //!   (`tests/fixtures/`, built by `scripts/parity/make_fixtures.py` and `make_sd_fixtures.py`).
+//! * `long_prompt`: prompts over 77 tokens, chunked against compel's embeddings and truncated
+//!   against diffusers' (`make_long_prompt_fixtures.py`).
 //! * `cli`: `t2i generate` through the real binary.
 //! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness).
 //! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
@@ -22,6 +24,7 @@ mod deploy;
 mod gateway;
 mod guard;
 mod jobs;
+mod long_prompt;
 mod parity;
 mod parity_sd;
 mod receivers;
