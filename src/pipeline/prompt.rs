@@ -236,15 +236,7 @@ impl TextEncoders {
                 pooled = pooled.or(Some(all.index_select(&first, 0).map_err(e)?));
             }
         }
-        let context = match hidden.len() {
-            1 => hidden.pop().expect("one encoder"),
-            _ => Tensor::cat(&hidden, 2).map_err(e)?,
-        };
-        Ok(PromptEmbeddings {
-            context,
-            pooled,
-            truncated,
-        })
+        joined(hidden, pooled, truncated)
     }
 
     /// Images of `batch` that can share a render without changing a pixel, in batch order: with
@@ -307,15 +299,7 @@ impl TextEncoders {
             hidden.push(out.hidden);
             pooled = pooled.or(out.pooled);
         }
-        let context = match hidden.len() {
-            1 => hidden.pop().expect("one encoder"),
-            _ => Tensor::cat(&hidden, 2).map_err(e)?,
-        };
-        Ok(PromptEmbeddings {
-            context,
-            pooled,
-            truncated,
-        })
+        joined(hidden, pooled, truncated)
     }
 
     /// Context (and pooled) embeddings for the whole CFG batch, `[negatives ; positives]` (positives
@@ -373,4 +357,22 @@ impl TextEncoders {
             truncated,
         })
     }
+}
+
+/// The embeddings of the encoders' outputs: the context states side by side along the width (SDXL's
+/// `[768 | 1280]`; SD's one encoder as is), the pooled projection when an encoder gave one.
+fn joined(
+    mut hidden: Vec<Tensor>,
+    pooled: Option<Tensor>,
+    truncated: Vec<bool>,
+) -> Result<PromptEmbeddings, PipelineError> {
+    let context = match hidden.len() {
+        1 => hidden.pop().expect("one encoder"),
+        _ => Tensor::cat(&hidden, 2).map_err(PipelineError::EncodePrompt)?,
+    };
+    Ok(PromptEmbeddings {
+        context,
+        pooled,
+        truncated,
+    })
 }

@@ -390,31 +390,37 @@ pub(crate) fn max_pixel_diff(got: &[image::RgbImage], want: &Tensor) -> f64 {
 #[test]
 fn every_sampler_reproduces_diffusers_step_by_step_and_to_the_pixel() {
     for name in MODELS {
-        let r = Reference::load(name);
-        for case in r.meta["cases"].as_array().unwrap() {
-            let case_name = case["name"].as_str().unwrap();
-            let out = run_case(name, case, &r, DType::F32, Variant::Auto);
-            let want_steps = r.get(&format!("{case_name}.steps"));
-            assert_eq!(
-                out.steps.len(),
-                want_steps.dim(0).unwrap(),
-                "{name}/{case_name} step count"
-            );
-            for (i, got) in out.steps.iter().enumerate() {
-                let want = want_steps.i(i).unwrap();
-                assert_close(
-                    &format!("{name}/{case_name} latents after step {}", i + 1),
-                    got,
-                    &want,
-                    MODULE_TOL,
-                );
-            }
-            let diff = max_pixel_diff(&out.images, r.get(&format!("{case_name}.image")));
-            assert!(
-                diff <= 1.0,
-                "{name}/{case_name}: final image differs by {diff}/255"
+        check_cases(name, name);
+    }
+}
+
+/// Each case of `reference` run on `model`: latents after every step within 1e-4, the image within 1/255.
+pub(crate) fn check_cases(model: &str, reference: &str) {
+    let r = Reference::load(reference);
+    let cases = r.meta["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let case_name = case["name"].as_str().unwrap();
+        let out = run_case(model, case, &r, DType::F32, Variant::Auto);
+        let want_steps = r.get(&format!("{case_name}.steps"));
+        assert_eq!(
+            out.steps.len(),
+            want_steps.dim(0).unwrap(),
+            "{reference}/{case_name} step count"
+        );
+        for (i, got) in out.steps.iter().enumerate() {
+            assert_close(
+                &format!("{reference}/{case_name} latents after step {}", i + 1),
+                got,
+                &want_steps.i(i).unwrap(),
+                MODULE_TOL,
             );
         }
+        let diff = max_pixel_diff(&out.images, r.get(&format!("{case_name}.image")));
+        assert!(
+            diff <= 1.0,
+            "{reference}/{case_name}: final image differs by {diff}/255"
+        );
     }
 }
 

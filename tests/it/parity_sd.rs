@@ -2,12 +2,12 @@
 //! and of the PNDM sampler on every family (`scripts/parity/make_sd_fixtures.py` built the fixtures
 //! and references; same versions and bounds as `parity.rs`), and `t2i generate` on both SD fixtures.
 
-use candle_core::{DType, IndexOp};
+use candle_core::DType;
 use t2i_worker::pipeline::scheduler::{SchedulerConfig, SchedulerKind};
 use t2i_worker::pipeline::{Family, Variant};
 
 use crate::cli::{MockHub, latents_file, path_str, read_png, stderr, t2i, t2i_env};
-use crate::parity::{check_schedules, max_pixel_diff, run_case};
+use crate::parity::{check_cases, check_schedules};
 use crate::support::{Reference, assert_close, load_pipeline, max_abs_diff, model_dir};
 
 const MODULE_TOL: f64 = 1e-4;
@@ -128,36 +128,6 @@ fn every_sampler_schedule_matches_on_the_sd_and_zero_snr_configs_and_pndm_on_sdx
         &zero_snr,
         SchedulerKind::ALL.into_iter(),
     );
-}
-
-/// Each case of `reference` run on `model`: latents after every step within 1e-4, the image within 1/255.
-fn check_cases(model: &str, reference: &str) {
-    let r = Reference::load(reference);
-    let cases = r.meta["cases"].as_array().unwrap();
-    assert!(!cases.is_empty());
-    for case in cases {
-        let case_name = case["name"].as_str().unwrap();
-        let out = run_case(model, case, &r, DType::F32, Variant::Auto);
-        let want_steps = r.get(&format!("{case_name}.steps"));
-        assert_eq!(
-            out.steps.len(),
-            want_steps.dim(0).unwrap(),
-            "{reference}/{case_name} step count"
-        );
-        for (i, got) in out.steps.iter().enumerate() {
-            assert_close(
-                &format!("{reference}/{case_name} latents after step {}", i + 1),
-                got,
-                &want_steps.i(i).unwrap(),
-                MODULE_TOL,
-            );
-        }
-        let diff = max_pixel_diff(&out.images, r.get(&format!("{case_name}.image")));
-        assert!(
-            diff <= 1.0,
-            "{reference}/{case_name}: final image differs by {diff}/255"
-        );
-    }
 }
 
 #[test]
