@@ -216,12 +216,14 @@ pub struct OutputSpec {
     pub presign_ttl: Duration,
 }
 
-/// `output.key_prefix`: relative, no `..` segments, outside the store's reserved id index, in a
-/// character set safe as both an S3 key and a path.
+/// `output.key_prefix`: relative, no `.` or `..` segments, outside the store's reserved id index, in
+/// a character set safe as both an S3 key and a path. A `.` segment is refused too: a filesystem
+/// store resolves `./_index/` to the reserved index, and `a/./b/` names another job's folder there
+/// than in S3.
 pub fn check_key_prefix(key_prefix: &str) -> Result<(), Rejection> {
     let ok = key_prefix.len() <= 512
         && !key_prefix.starts_with('/')
-        && !key_prefix.split('/').any(|seg| seg == "..")
+        && !key_prefix.split('/').any(|seg| seg == "." || seg == "..")
         // The store's id index lives there (`crate::storage::INDEX_PREFIX`).
         && !key_prefix.starts_with("_index/")
         && key_prefix
@@ -233,7 +235,7 @@ pub fn check_key_prefix(key_prefix: &str) -> Result<(), Rejection> {
     Err(Rejection::new(
         "output.key_prefix",
         format!("{:?}", truncate(key_prefix, 80)),
-        "at most 512 characters of [A-Za-z0-9._/=+-], not starting with '/' or '_index/', no '..' segments",
+        "at most 512 characters of [A-Za-z0-9._/=+-], not starting with '/' or '_index/', no '.' or '..' segments",
     ))
 }
 

@@ -122,7 +122,17 @@ fn ids_that_would_name_a_folder_outside_the_job_are_rejected() {
 
 #[test]
 fn key_prefixes_cannot_escape() {
-    for bad in ["/abs/", "a/../b/", "spa ce/", "_index/", "_index/x/"] {
+    for bad in [
+        "/abs/",
+        "a/../b/",
+        "spa ce/",
+        "_index/",
+        "_index/x/",
+        "./_index/",
+        "a/./b/",
+        "0/./",
+        ".",
+    ] {
         let body =
             format!(r#"{{"job_id": "a", "prompt": "x", "output": {{"key_prefix": "{bad}"}}}}"#);
         assert_eq!(

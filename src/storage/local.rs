@@ -56,7 +56,7 @@ impl LocalStore {
     }
 
     fn path(&self, key: &str) -> PathBuf {
-        // Keys are validated by Job::parse: relative, no `..` segments.
+        // Keys are validated by Job::parse: relative, no `.` or `..` segments.
         self.root.join(key)
     }
 }
