@@ -50,7 +50,17 @@ root_domain = ".s3.garage.localhost"
 TOML
   fi
   if ! running; then
-    nohup "$GARAGE" -c "$CONF" server > "$DIR/server.log" 2>&1 &
+    # The server outlives this script, so it must not keep the caller's descriptors open: a lock
+    # taken with flock(1) around a test run would stay held by the server (the outage test restarts
+    # it mid-run), and a CI runner's pipe would never reach end of file. Descriptors above 2 are
+    # closed in the subshell that becomes the server (255 is bash's own script descriptor).
+    (
+      for fd in /proc/$BASHPID/fd/*; do
+        fd=${fd##*/}
+        if [ "$fd" -gt 2 ] && [ "$fd" -ne 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+      done
+      exec nohup "$GARAGE" -c "$CONF" server > "$DIR/server.log" 2>&1 < /dev/null
+    ) &
     echo $! > "$DIR/pid"
   fi
   for _ in $(seq 1 100); do g status >/dev/null 2>&1 && break; sleep 0.2; done

@@ -6,7 +6,9 @@
 //! * `long_prompt`: prompts over 77 tokens, chunked against compel's embeddings and truncated
 //!   against diffusers' (`make_long_prompt_fixtures.py`).
 //! * `cli`: `t2i generate` through the real binary.
-//! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness).
+//! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness);
+//!   `faults`: through a kill, a broker restart and a storage outage; `lifecycle`: deadlines,
+//!   `reply_to`, re-announcement, cancellation; `storage`: S3 multipart, presigned URLs, a local folder.
 //! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
 //! * `webhooks`: `t2i webhooks` (signatures, retries); `guard`: its SSRF guard; `gateway`: `t2i gateway`.
 //! * `api`: `t2i gateway` against its OpenAPI document (schemathesis) and issue 16's holes in it.
@@ -21,14 +23,17 @@ mod broker;
 mod cli;
 mod clients;
 mod deploy;
+mod faults;
 mod gateway;
 mod guard;
 mod jobs;
+mod lifecycle;
 mod long_prompt;
 mod parity;
 mod parity_sd;
 mod receivers;
 mod routing;
+mod storage;
 mod support;
 mod webhooks;
 mod worker;

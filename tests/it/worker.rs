@@ -1,5 +1,6 @@
 //! `t2i worker` end to end, through the real binary, against the real RabbitMQ and Garage, with the
-//! tiny SSD-1B fixture (the real pipeline; no fake renderer).
+//! tiny SSD-1B fixture (the real pipeline; no fake renderer): many jobs, bad messages, two workers,
+//! plumbing throughput. The helpers here are shared by `faults`, `lifecycle` and `storage`.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -7,9 +8,17 @@ use std::time::{Duration, Instant};
 use t2i_worker::events::CloudEvent;
 use t2i_worker::queue::Lane;
 
-use crate::broker::{WorkerProc, World, garage, get_object, rabbitmqctl, s3, serial};
+use crate::broker::{WorkerProc, World, get_object, s3, serial};
 
-fn job(id: &str, w: u32, h: u32, steps: u32, scheduler: &str, seed: u64, n: u32) -> Vec<u8> {
+pub(crate) fn job(
+    id: &str,
+    w: u32,
+    h: u32,
+    steps: u32,
+    scheduler: &str,
+    seed: u64,
+    n: u32,
+) -> Vec<u8> {
     serde_json::json!({
         "job_id": id, "prompt": format!("a photo of a cat, job {id}"), "width": w, "height": h,
         "steps": steps, "scheduler": scheduler, "seed": seed, "num_images": n,
@@ -19,11 +28,11 @@ fn job(id: &str, w: u32, h: u32, steps: u32, scheduler: &str, seed: u64, n: u32)
     .into_bytes()
 }
 
-fn succeeded(e: &CloudEvent) -> bool {
+pub(crate) fn succeeded(e: &CloudEvent) -> bool {
     e.kind == "t2i.job.succeeded"
 }
 
-fn all_terminal(ids: &HashSet<String>) -> impl FnMut(&[CloudEvent]) -> bool + '_ {
+pub(crate) fn all_terminal(ids: &HashSet<String>) -> impl FnMut(&[CloudEvent]) -> bool + '_ {
     move |seen| {
         let done: HashSet<&str> = seen
             .iter()
@@ -34,7 +43,7 @@ fn all_terminal(ids: &HashSet<String>) -> impl FnMut(&[CloudEvent]) -> bool + '_
     }
 }
 
-fn all_succeeded(ids: &HashSet<String>) -> impl FnMut(&[CloudEvent]) -> bool + '_ {
+pub(crate) fn all_succeeded(ids: &HashSet<String>) -> impl FnMut(&[CloudEvent]) -> bool + '_ {
     move |seen| {
         let done: HashSet<&str> = seen
             .iter()
@@ -47,7 +56,7 @@ fn all_succeeded(ids: &HashSet<String>) -> impl FnMut(&[CloudEvent]) -> bool + '
 
 /// Every image of a succeeded event exists in Garage with the event's sha256, size, content type,
 /// metadata and embedded parameters; result.json exists.
-async fn verify_stored(client: &aws_sdk_s3::Client, e: &CloudEvent) {
+pub(crate) async fn verify_stored(client: &aws_sdk_s3::Client, e: &CloudEvent) {
     use sha2::Digest;
     let params = e.data.params.as_ref().expect("params");
     assert!(!e.data.images.is_empty());
@@ -306,189 +315,6 @@ async fn malformed_and_out_of_range_messages_fail_clearly_and_are_dead_lettered(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_batch_loses_nothing_and_its_successor_overwrites_identically() {
-    let _g = serial().await;
-    let mut world = World::new("kill").await;
-    let mut ids = HashSet::new();
-    for i in 0..24u32 {
-        let id = format!("k{i}");
-        world
-            .publish(
-                Lane::Interactive,
-                &id,
-                &job(&id, 64, 64, 12, "euler", i as u64, 1),
-            )
-            .await;
-        ids.insert(id);
-    }
-    let mut w1 = WorkerProc::spawn(
-        &world,
-        "w1",
-        &["--max-batch", "4", "--batch-window-ms", "0"],
-    );
-    let some_done = |seen: &[CloudEvent]| seen.iter().filter(|e| succeeded(e)).count() >= 4;
-    assert!(
-        world
-            .collect_until(Duration::from_secs(120), some_done)
-            .await
-    );
-    w1.kill9();
-    let _w2 = WorkerProc::spawn(&world, "w2", &["--max-batch", "4"]);
-    assert!(
-        world
-            .collect_until(Duration::from_secs(240), all_succeeded(&ids))
-            .await,
-        "jobs lost"
-    );
-    // Both workers announce as one deployment: one CloudEvents source, the worker in the data, so
-    // a job announced by each is one event (source + id) to CloudEvents consumers.
-    let source = format!("/t2i-worker/{}", world.prefix);
-    let workers: HashSet<&str> = world.seen.iter().map(|e| e.data.worker.as_str()).collect();
-    assert_eq!(workers, HashSet::from(["w1", "w2"]));
-    for e in &world.seen {
-        assert_eq!(e.source, source, "{} of {}", e.kind, e.subject);
-        assert_eq!(
-            e.dataschema.as_deref(),
-            Some(t2i_worker::events::DATA_SCHEMA)
-        );
-    }
-    let client = s3().await;
-    for id in &ids {
-        let events: Vec<&CloudEvent> = world
-            .seen
-            .iter()
-            .filter(|e| succeeded(e) && &e.subject == id)
-            .collect();
-        let first = &events[0];
-        for e in &events {
-            // A redelivered job re-emits the same event id and the same image bytes.
-            assert_eq!(e.id, first.id);
-            let a: Vec<&str> = e.data.images.iter().map(|i| i.sha256.as_str()).collect();
-            let b: Vec<&str> = first
-                .data
-                .images
-                .iter()
-                .map(|i| i.sha256.as_str())
-                .collect();
-            assert_eq!(a, b, "{id}: different content for the same key");
-        }
-        verify_stored(&client, events.last().unwrap()).await;
-    }
-    world.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_worker_reconnects_after_a_broker_restart_and_finishes() {
-    let _g = serial().await;
-    let mut world = World::new("restart").await;
-    let mut ids = HashSet::new();
-    for i in 0..20u32 {
-        let id = format!("r{i}");
-        world
-            .publish(
-                Lane::Interactive,
-                &id,
-                &job(&id, 64, 64, 8, "euler", i as u64, 1),
-            )
-            .await;
-        ids.insert(id);
-    }
-    let w = WorkerProc::spawn(&world, "w1", &["--max-batch", "2"]);
-    let some_done = |seen: &[CloudEvent]| seen.iter().filter(|e| succeeded(e)).count() >= 3;
-    assert!(
-        world
-            .collect_until(Duration::from_secs(120), some_done)
-            .await
-    );
-    rabbitmqctl(&["stop_app"]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
-    world.reconnect().await;
-    let finished = world
-        .collect_until(Duration::from_secs(240), all_succeeded(&ids))
-        .await;
-    assert!(
-        finished,
-        "not all jobs finished after the restart; {}\nworker log tail:\n{}",
-        world.missing_report(&ids),
-        w.log_tail(60)
-    );
-    world.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_outage_of_twenty_seconds_is_retried_until_every_job_finishes() {
-    let _g = serial().await;
-    // Five attempts 2+4+8+16 s apart outlast a 20 s outage (the defaults, 1/4/16/64 s, do too).
-    let mut world = World::with_retry_delays("s3down", &[2, 4, 8, 16]).await;
-    let w = WorkerProc::spawn(&world, "w1", &["--max-batch", "2"]);
-    let mut ids = HashSet::new();
-    let publish = |i: u32| {
-        let id = format!("s{i}");
-        (id.clone(), job(&id, 64, 64, 6, "euler", i as u64, 1))
-    };
-    for i in 0..4u32 {
-        let (id, body) = publish(i);
-        world.publish(Lane::Interactive, &id, &body).await;
-        ids.insert(id);
-    }
-    let first = |seen: &[CloudEvent]| seen.iter().any(succeeded);
-    assert!(world.collect_until(Duration::from_secs(120), first).await);
-    garage("stop");
-    // Jobs arriving during the outage cannot even check for an earlier result: they must retry.
-    for i in 4..12u32 {
-        let (id, body) = publish(i);
-        world.publish(Lane::Interactive, &id, &body).await;
-        ids.insert(id);
-    }
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    garage("start");
-    let ok = world
-        .collect_until(Duration::from_secs(180), all_terminal(&ids))
-        .await;
-    assert!(ok, "not all jobs finished after the outage");
-    let terminal = world.terminal();
-    for id in &ids {
-        assert!(
-            terminal[id].iter().all(succeeded),
-            "{id}: {:?}",
-            terminal[id][0].data.error
-        );
-    }
-    let retried = terminal
-        .values()
-        .flatten()
-        .filter(|e| e.data.attempt > 1)
-        .count();
-    assert!(retried > 0, "the outage should have caused retries");
-    let value = |metrics: &str, name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(&format!("{name} ")))
-            .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in {metrics}"))
-    };
-    // A success is counted once its publish is confirmed, which can come a moment after the
-    // event reached our consumer: wait for the count to settle, then require it exact.
-    let succeeded = "t2i_jobs_total{outcome=\"succeeded\"}";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let metrics = loop {
-        let (_, m) = w.http_get("/metrics").unwrap();
-        if value(&m, succeeded) >= ids.len() as f64 || Instant::now() > deadline {
-            break m;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let value = |name: &str| value(&metrics, name);
-    // Retries are counted apart from outcomes, and every job still ends as one success.
-    assert!(value("t2i_job_retries_total") >= 1.0, "{metrics}");
-    assert!(!metrics.contains("outcome=\"retried\""), "{metrics}");
-    assert_eq!(value(succeeded), ids.len() as f64, "{metrics}");
-    world.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_one_queue_and_each_result_appears_once_then_stop_cleanly() {
     let _g = serial().await;
     let mut world = World::new("pair").await;
@@ -535,360 +361,6 @@ async fn two_workers_share_one_queue_and_each_result_appears_once_then_stop_clea
     );
     assert_eq!(w1.terminate(), Some(0), "SIGTERM exits 0");
     assert_eq!(w2.terminate(), Some(0), "SIGTERM exits 0");
-    world.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deadlines_reply_to_reannouncement_and_cancellation_follow_the_contract() {
-    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
-    let _g = serial().await;
-    let mut world = World::new("contract").await;
-    let worker = WorkerProc::spawn(
-        &world,
-        "w1",
-        &["--max-batch", "1", "--batch-window-ms", "0"],
-    );
-
-    // 1. A job whose deadline has passed is expired, not rendered.
-    let expired = serde_json::json!({"job_id": "late", "prompt": "x", "width": 32, "height": 32,
-        "deadline": "2001-01-01T00:00:00Z"});
-    world
-        .publish(Lane::Interactive, "late", expired.to_string().as_bytes())
-        .await;
-
-    // 2. reply_to + correlation_id get the terminal event.
-    let ch = world.conn.raw().create_channel().await.unwrap();
-    let reply_q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = ch
-        .basic_consume(
-            reply_q.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let reply_to = t2i_worker::queue::ReplyTo {
-        queue: reply_q.name().to_string(),
-        correlation_id: Some("corr-1".into()),
-    };
-    world
-        .publisher
-        .job(
-            &Lane::Interactive.into(),
-            "asked",
-            &job("asked", 32, 32, 1, "euler", 5, 1),
-            Some(&reply_to),
-        )
-        .await
-        .unwrap();
-    let reply = tokio::time::timeout(
-        Duration::from_secs(60),
-        futures_util::StreamExt::next(&mut replies),
-    )
-    .await
-    .expect("a reply")
-    .unwrap()
-    .unwrap();
-    assert_eq!(
-        reply
-            .properties
-            .correlation_id()
-            .as_ref()
-            .map(|c| c.as_str()),
-        Some("corr-1")
-    );
-    let reply_event: CloudEvent = serde_json::from_slice(&reply.data).unwrap();
-    assert_eq!(reply_event.kind, "t2i.job.succeeded");
-    assert_eq!(reply_event.subject, "asked");
-
-    // 3. The same job again: result.json exists, so it is re-announced with the same event id.
-    world
-        .publish(
-            Lane::Interactive,
-            "asked",
-            &job("asked", 32, 32, 1, "euler", 5, 1),
-        )
-        .await;
-    let twice = |seen: &[CloudEvent]| {
-        seen.iter()
-            .filter(|e| succeeded(e) && e.subject == "asked")
-            .count()
-            >= 2
-    };
-    assert!(world.collect_until(Duration::from_secs(60), twice).await);
-    let asked: Vec<&CloudEvent> = world
-        .seen
-        .iter()
-        .filter(|e| succeeded(e) && e.subject == "asked")
-        .collect();
-    assert_eq!(
-        asked[0].id, asked[1].id,
-        "re-announcement keeps the event id"
-    );
-    // The same images, with URLs presigned for the reannouncement (the stored record has none).
-    let durable = |e: &CloudEvent| {
-        let mut images = e.data.images.clone();
-        for i in &mut images {
-            assert!(i.url.is_some(), "a reannouncement carries working URLs");
-            (i.url, i.url_expires_at) = (None, None);
-        }
-        images
-    };
-    assert_eq!(durable(asked[0]), durable(asked[1]));
-
-    // 4. A canceled batch: jobs waiting behind a long one are dropped with job.canceled. "long"
-    // must still be rendering when the cancel arrives: it is sized to take seconds (a fixed 300 ms
-    // wait stopped being enough once the CPU kernels got faster), and the cancel is sent only once
-    // it has started.
-    world
-        .publish(
-            Lane::Interactive,
-            "long",
-            &job("long", 128, 128, 100, "euler", 1, 1),
-        )
-        .await;
-    for i in 0..3 {
-        let id = format!("c{i}");
-        let body = serde_json::json!({"job_id": id, "prompt": "x", "width": 32, "height": 32, "steps": 1,
-            "batch": {"id": "doomed", "index": i, "total": 3}});
-        world
-            .publish(Lane::Interactive, &id, body.to_string().as_bytes())
-            .await;
-    }
-    let long_started = |seen: &[CloudEvent]| {
-        seen.iter()
-            .any(|e| e.kind == "t2i.job.started" && e.subject == "long")
-    };
-    assert!(
-        world
-            .collect_until(Duration::from_secs(60), long_started)
-            .await
-    );
-    world
-        .publisher
-        .channel()
-        .basic_publish(
-            world.topology.control_exchange().as_str().into(),
-            "".into(),
-            Default::default(),
-            br#"{"cancel_batches": ["doomed"]}"#,
-            lapin::BasicProperties::default(),
-        )
-        .await
-        .unwrap();
-    let ids: HashSet<String> = ["late", "long", "c0", "c1", "c2"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    assert!(
-        world
-            .collect_until(Duration::from_secs(120), all_terminal(&ids))
-            .await
-    );
-    let terminal = world.terminal();
-    assert_eq!(terminal["late"][0].kind, "t2i.job.expired");
-    assert!(succeeded(&terminal["long"][0]));
-    for i in 0..3 {
-        assert_eq!(
-            terminal[&format!("c{i}")][0].kind,
-            "t2i.job.canceled",
-            "c{i}"
-        );
-    }
-    let (_, metrics) = worker.http_get("/metrics").unwrap();
-    assert!(
-        metrics.contains("t2i_jobs_total{outcome=\"reannounced\"} 1"),
-        "{metrics}"
-    );
-    drop(worker);
-    world.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_multipart_uploads_and_presigned_urls_work_against_garage() {
-    use t2i_worker::storage::{ImageStore, S3Options, S3Store};
-    let _g = serial().await;
-    crate::broker::garage_env();
-    let prefix = format!(
-        "t2it-multipart-{}/",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    );
-    let opts = S3Options {
-        force_path_style: Some(true),
-        public_endpoint: None,
-    };
-    let store = S3Store::from_env(&crate::broker::bucket(), &prefix, &opts)
-        .await
-        .unwrap()
-        .with_multipart(5 * 1024 * 1024, 5 * 1024 * 1024);
-    let body: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let meta = vec![("job-id".to_string(), "big".to_string())];
-    let stored = store
-        .put(
-            "big.bin",
-            body.clone(),
-            "application/octet-stream",
-            &meta,
-            Some(Duration::from_secs(300)),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store.get("big.bin").await.unwrap().as_deref(),
-        Some(&body[..])
-    );
-    assert_eq!(store.get("absent.bin").await.unwrap(), None);
-    // The presigned URL serves the object to a client without credentials.
-    let url = stored.url.unwrap();
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    use std::io::{Read, Write};
-    write!(
-        s,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    let head_end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&resp[..head_end]);
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert_eq!(resp.len() - head_end - 4, body.len());
-    let client = s3().await;
-    let (_, ct, meta) = get_object(&client, &format!("{prefix}big.bin"))
-        .await
-        .unwrap();
-    assert_eq!(ct.as_deref(), Some("application/octet-stream"));
-    assert_eq!(meta.get("job-id").map(String::as_str), Some("big"));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn urls_presigned_for_a_public_endpoint_name_it_and_open_without_credentials() {
-    use t2i_worker::storage::{ImageStore, S3Options, Store};
-    let _g = serial().await;
-    let public = crate::broker::public_garage_endpoint();
-    let public_url = reqwest::Url::parse(&public).unwrap();
-    let prefix = format!(
-        "t2it-public-{}/",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    );
-    let storage = format!("s3://{}/{prefix}", crate::broker::bucket());
-    let open = |endpoint: &str| {
-        let opts = S3Options {
-            force_path_style: None,
-            public_endpoint: Some(endpoint.to_string()),
-        };
-        let storage = storage.clone();
-        async move { Store::open(&storage, &opts).await.unwrap() }
-    };
-    let body = b"\x89PNG\r\n\x1a\n not really a png".to_vec();
-    let store = open(&public).await;
-    let stored = store
-        .put(
-            "a.png",
-            body.clone(),
-            "image/png",
-            &[],
-            Some(Duration::from_secs(300)),
-        )
-        .await
-        .unwrap();
-    let url = reqwest::Url::parse(stored.url.as_deref().unwrap()).unwrap();
-    assert_eq!(
-        (url.host_str(), url.port()),
-        (Some("localhost"), public_url.port()),
-        "{url}"
-    );
-    assert!(
-        url.path()
-            .starts_with(&format!("/{}/{prefix}", crate::broker::bucket())),
-        "path-style for the public endpoint: {url}"
-    );
-    // A client without credentials opens it at the public name.
-    let r = reqwest::get(url.clone()).await.unwrap();
-    assert_eq!(r.status(), 200, "{url}");
-    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
-    // The signature covers the host: it was signed for the public name, not rewritten afterwards.
-    let mut moved = url.clone();
-    moved.set_host(Some("127.0.0.1")).unwrap();
-    assert_eq!(reqwest::get(moved).await.unwrap().status(), 403);
-    // Presigning does no I/O and every request goes to AWS_ENDPOINT_URL: a public endpoint where
-    // nothing listens changes only the URLs.
-    let elsewhere = open("http://127.0.0.1:9").await;
-    let stored = elsewhere
-        .put(
-            "b.png",
-            body.clone(),
-            "image/png",
-            &[],
-            Some(Duration::from_secs(300)),
-        )
-        .await
-        .unwrap();
-    assert!(
-        stored
-            .url
-            .as_deref()
-            .unwrap()
-            .starts_with("http://127.0.0.1:9/"),
-        "{stored:?}"
-    );
-    assert_eq!(
-        elsewhere.get("a.png").await.unwrap().as_deref(),
-        Some(&body[..])
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_folder_works_as_the_store() {
-    let _g = serial().await;
-    let mut world = World::new("local").await;
-    let dir = tempfile::tempdir().unwrap();
-    let storage = format!("file://{}", dir.path().display());
-    let worker = WorkerProc::spawn(&world, "w1", &["--storage", &storage]);
-    world
-        .publish(
-            Lane::Interactive,
-            "l1",
-            &job("l1", 32, 32, 1, "euler", 9, 2),
-        )
-        .await;
-    let ids: HashSet<String> = ["l1".to_string()].into();
-    assert!(
-        world
-            .collect_until(Duration::from_secs(60), all_succeeded(&ids))
-            .await
-    );
-    for i in 0..2 {
-        let img = image::open(dir.path().join(format!("l1/{i}.png"))).unwrap();
-        assert_eq!((img.width(), img.height()), (32, 32));
-    }
-    assert!(dir.path().join("l1/result.json").exists());
-    let e = &world.terminal()["l1"][0];
-    assert!(
-        e.data.images[0]
-            .url
-            .as_deref()
-            .unwrap()
-            .starts_with("file://")
-    );
-    drop(worker);
     world.cleanup().await;
 }
 
@@ -953,105 +425,6 @@ async fn plumbing_throughput_many_tiny_jobs_all_succeed_once() {
         phase("batch_inference"),
         phase("job_encode"),
         phase("job_upload"),
-    );
-    drop(worker);
-    world.cleanup().await;
-}
-
-/// `t2i cancel --batch` through the real binary: the running batch stops between denoising steps
-/// (at most one step after the worker could see the message) and waiting jobs of the batch are
-/// dropped; a job outside the batch still succeeds.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t2i_cancel_stops_a_running_batch_within_a_step() {
-    let _g = serial().await;
-    let mut world = World::new("cancel").await;
-    let worker = WorkerProc::spawn(
-        &world,
-        "w1",
-        &[
-            "--max-batch",
-            "1",
-            "--batch-window-ms",
-            "0",
-            "--progress-interval-ms",
-            "0",
-        ],
-    );
-    let steps = 150; // the contract's maximum
-    for (id, batch) in [
-        ("run", Some("stopme")),
-        ("wait", Some("stopme")),
-        ("other", None),
-    ] {
-        // The running job is large enough (512², CFG) that one step takes far longer than an event
-        // takes to arrive, so counting the steps reported after the cancel measures the worker.
-        let (side, n) = if id == "run" { (512, steps) } else { (64, 2) };
-        let mut body = serde_json::json!({"job_id": id, "prompt": "x", "width": side, "height": side,
-            "steps": n});
-        if let Some(b) = batch {
-            let index = usize::from(id != "run");
-            body["batch"] = serde_json::json!({"id": b, "index": index, "total": 2});
-        }
-        world
-            .publish(Lane::Interactive, id, body.to_string().as_bytes())
-            .await;
-        if id == "run" {
-            // The long job is on the device before the others arrive.
-            let started = |seen: &[CloudEvent]| {
-                seen.iter()
-                    .any(|e| e.subject == "run" && e.kind == "t2i.job.progress")
-            };
-            assert!(world.collect_until(Duration::from_secs(60), started).await);
-        }
-    }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_t2i"))
-        .args([
-            "cancel",
-            "--amqp-url",
-            &crate::broker::amqp_url(),
-            "--amqp-prefix",
-            &world.prefix,
-            "--batch",
-            "stopme",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen_before = world.seen.len();
-    let ids: HashSet<String> = ["run", "wait", "other"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    assert!(
-        world
-            .collect_until(Duration::from_secs(60), all_terminal(&ids))
-            .await
-    );
-    let terminal = world.terminal();
-    assert_eq!(terminal["run"][0].kind, "t2i.job.canceled");
-    assert_eq!(terminal["wait"][0].kind, "t2i.job.canceled");
-    assert!(succeeded(&terminal["other"][0]));
-    let steps_of_run = |events: &[CloudEvent]| -> Vec<usize> {
-        events
-            .iter()
-            .filter(|e| e.subject == "run" && e.kind == "t2i.job.progress")
-            .filter_map(|e| e.data.progress.as_ref().map(|p| p.step))
-            .collect()
-    };
-    let before = steps_of_run(&world.seen[..seen_before]);
-    let after = steps_of_run(&world.seen[seen_before..]);
-    let last = *before.iter().chain(&after).max().unwrap();
-    assert!(last < steps, "the job ran to the end");
-    // Steps reported after the cancel was confirmed by the broker: the one running when the worker
-    // read the message, plus progress events already in flight (published per step, unconfirmed).
-    assert!(
-        after.len() <= 3,
-        "{} steps after the cancel was confirmed: {after:?}",
-        after.len()
     );
     drop(worker);
     world.cleanup().await;
