@@ -235,6 +235,7 @@ impl GenerationArgs {
             seed: None,
             num_images: None,
             long_prompt: self.long_prompt.clone(),
+            loras: None,
         }
     }
 }
