@@ -5,6 +5,8 @@
 //!   (`tests/fixtures/`, built by `scripts/parity/make_fixtures.py` and `make_sd_fixtures.py`).
 //! * `long_prompt`: prompts over 77 tokens, chunked against compel's embeddings and truncated
 //!   against diffusers' (`make_long_prompt_fixtures.py`).
+//! * `lora`: LoRA adapters of every format against diffusers' `fuse_lora` (`make_lora_fixtures.py`),
+//!   the variant cache, batches.
 //! * `cli`: `t2i generate` through the real binary.
 //! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness).
 //! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
@@ -25,6 +27,7 @@ mod gateway;
 mod guard;
 mod jobs;
 mod long_prompt;
+mod lora;
 mod parity;
 mod parity_sd;
 mod receivers;

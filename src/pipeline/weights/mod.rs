@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 
 pub use reader::ComponentLoad;
-pub(crate) use reader::{LoadStats, var_builder};
+pub(crate) use reader::{LoadStats, Recorded, recording_var_builder, var_builder};
 
 /// The weighted components of an SD or SDXL pipeline, with their weight-file stems; a model uses the
 /// ones its `model_index.json` names ([`components_of`]; SD 1.x/2.x have no `text_encoder_2`).
