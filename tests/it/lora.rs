@@ -297,3 +297,91 @@ fn adapters_that_do_not_fit_the_model_fail_naming_the_tensor() {
     let err = ssd.adapted(&[stale]).err().unwrap().to_string();
     assert!(err.contains("changed since it was fetched"), "{err}");
 }
+
+#[test]
+fn generate_renders_with_lora_flags_and_records_them_in_the_png() {
+    use crate::cli::{path_str, stderr, t2i};
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, cache) = (tmp.path().join("x.png"), tmp.path().join("cache"));
+    let model = model_dir("ssd-1b-tiny");
+    let loras = fixtures().join("loras");
+    let common = [
+        "generate",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "a photo of a cat",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--quiet",
+        "--lora-cache-dir",
+        path_str(&cache),
+    ];
+    let run = |extra: &[&str]| t2i(&[&common[..], extra].concat());
+    let ok = run(&[
+        "--lora-dir",
+        path_str(&loras),
+        "--lora",
+        "ssd1b-kohya.safetensors:-0.7",
+        "--output",
+        path_str(&out),
+    ]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let png = std::fs::read(&out).unwrap();
+    let text = String::from_utf8_lossy(&png);
+    let file = std::fs::read(lora_file("ssd1b-kohya.safetensors")).unwrap();
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    use sha2::Digest;
+    let hash = &hex::encode(sha2::Sha256::digest(&file[8 + n..]))[..12];
+    assert!(
+        text.contains("a photo of a cat <lora:ssd1b-kohya:-0.7>"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("Lora hashes: \"ssd1b-kohya: {hash}\"")),
+        "{text}"
+    );
+    // The image is the one the pipeline renders with that adapter.
+    let p = load_pipeline("ssd-1b-tiny", DType::F32, Variant::Auto);
+    let req = t2i_worker::job::GenerationRequest {
+        prompt: "a photo of a cat".into(),
+        width: Some(64),
+        height: Some(64),
+        steps: Some(2),
+        seed: Some(3),
+        ..Default::default()
+    };
+    let g =
+        t2i_worker::job::Generation::parse(req, &Default::default(), &p.model_defaults()).unwrap();
+    let batch = RenderBatch::new(&g, ImageSpec::all_of(&g))
+        .with_loras(vec![adapter("ssd1b-kohya.safetensors", -0.7)]);
+    let want = render(&p, &batch);
+    assert!(image::load_from_memory(&png).unwrap().to_rgb8() == want[0]);
+
+    // Outside the LoRA folder, or without one: a usage error (exit 2) naming the flag.
+    let escape = run(&[
+        "--lora-dir",
+        path_str(&loras),
+        "--lora",
+        "../models/x.safetensors",
+    ]);
+    assert_eq!(escape.status.code(), Some(2), "{}", stderr(&escape));
+    assert!(
+        stderr(&escape).contains("loras[0].uri"),
+        "{}",
+        stderr(&escape)
+    );
+    let no_dir = run(&["--lora", "ssd1b-kohya.safetensors"]);
+    assert_eq!(no_dir.status.code(), Some(2), "{}", stderr(&no_dir));
+    assert!(
+        stderr(&no_dir).contains("--lora-dir"),
+        "{}",
+        stderr(&no_dir)
+    );
+}
