@@ -6,7 +6,7 @@
 //! * `long_prompt`: prompts over 77 tokens, chunked against compel's embeddings and truncated
 //!   against diffusers' (`make_long_prompt_fixtures.py`).
 //! * `lora`: LoRA adapters of every format against diffusers' `fuse_lora` (`make_lora_fixtures.py`),
-//!   the variant cache, batches.
+//!   the variant cache, batches; `lora_worker`: a LoRA job through the real worker.
 //! * `cli`: `t2i generate` through the real binary.
 //! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness).
 //! * `clients`: `t2i enqueue` (bulk sets, resume, manifests) against a real worker.
@@ -28,6 +28,7 @@ mod guard;
 mod jobs;
 mod long_prompt;
 mod lora;
+mod lora_worker;
 mod parity;
 mod parity_sd;
 mod receivers;
