@@ -1,7 +1,8 @@
 //! A LoRA job through the real `t2i worker`, RabbitMQ and Garage: adapters from the worker's LoRA
 //! folder, jobs with different adapter sets in one queue, each image equal to the same job rendered
 //! alone in this process; the events' `params.loras` and the PNG's A1111 parameters; adapters that
-//! escape the folder, are missing or do not fit the model fail their job only.
+//! escape the folder, are missing or do not fit the model fail their job only. And `s3://` adapters
+//! through the worker's S3 client against Garage.
 
 use std::collections::HashSet;
 use std::ops::ControlFlow;
@@ -207,4 +208,85 @@ async fn lora_jobs_render_with_their_own_adapters_and_record_them() {
     assert_eq!(status, 200);
     drop(worker);
     world.cleanup().await;
+}
+
+/// `s3://` adapters with the worker's S3 client against Garage: read under an allowed prefix only;
+/// a missing key is final; an object that is not safetensors is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_loras_are_read_only_under_an_allowed_prefix() {
+    use t2i_worker::adapters::{FetchError, Fetcher, LoraSettings, S3Allow};
+    use t2i_worker::job::{Lora, LoraSource};
+    crate::broker::garage_env();
+    let client = s3().await;
+    let (bucket, prefix) = (
+        crate::broker::bucket(),
+        format!("lora-s3-{}", std::process::id()),
+    );
+    let file = std::fs::read(fixtures().join("loras/ssd1b-kohya.safetensors")).unwrap();
+    for (key, body) in [
+        ("loras/ink.safetensors", file.clone()),
+        ("loras/junk.safetensors", b"<html>".to_vec()),
+        ("private/ink.safetensors", file.clone()),
+    ] {
+        client
+            .put_object()
+            .bucket(&bucket)
+            .key(format!("{prefix}/{key}"))
+            .body(body.into())
+            .send()
+            .await
+            .unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let fetcher = Fetcher::new(LoraSettings {
+        dir: None,
+        cache_dir: tmp.path().to_path_buf(),
+        cache_max_bytes: 1 << 30,
+        max_file_bytes: 1 << 30,
+        s3_allow: vec![S3Allow::parse(&format!("s3://{bucket}/{prefix}/loras/")).unwrap()],
+        s3: Default::default(),
+        allow_http: false,
+        allow_private_networks: false,
+        allow_hosts: vec![],
+        timeout: Duration::from_secs(30),
+    })
+    .unwrap();
+    let fetch = |key: &str| {
+        let lora = Lora {
+            uri: format!("s3://{bucket}/{prefix}/{key}"),
+            scale: 1.0,
+            sha256: None,
+            short_hash: None,
+            source: LoraSource::S3 {
+                bucket: bucket.clone(),
+                key: format!("{prefix}/{key}"),
+            },
+        };
+        let fetcher = &fetcher;
+        async move { fetcher.fetch(&lora).await }
+    };
+    let got = fetch("loras/ink.safetensors").await.unwrap();
+    assert_eq!(got.hashes.sha256, hex::encode(sha2::Sha256::digest(&file)));
+    assert_eq!(std::fs::read(&got.path).unwrap(), file);
+    let refused = fetch("private/ink.safetensors").await.unwrap_err();
+    assert!(refused.to_string().contains("--lora-s3-allow"), "{refused}");
+    let missing = fetch("loras/nope.safetensors").await.unwrap_err();
+    assert!(
+        matches!(missing, FetchError::NotFound(_)) && !missing.is_retryable(),
+        "{missing}"
+    );
+    let junk = fetch("loras/junk.safetensors").await.unwrap_err();
+    assert!(matches!(junk, FetchError::Invalid(_)), "{junk}");
+    for key in [
+        "loras/ink.safetensors",
+        "loras/junk.safetensors",
+        "private/ink.safetensors",
+    ] {
+        let _ = client
+            .delete_object()
+            .bucket(&bucket)
+            .key(format!("{prefix}/{key}"))
+            .send()
+            .await;
+    }
 }
