@@ -44,6 +44,10 @@ pub struct WorkerConfig {
     pub grace_period: Duration,
     /// Minimum time between two `job.progress` events of a job.
     pub progress_interval: Duration,
+    /// Where jobs' LoRA adapters may come from.
+    pub lora: crate::adapters::LoraSettings,
+    /// Bytes of merged LoRA variants the pipeline keeps.
+    pub lora_memory_bytes: u64,
 }
 
 /// Which model to load, where, and how.
@@ -235,6 +239,52 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         job_timeout: Duration::from_secs(args.job_timeout_s.max(1)),
         grace_period: Duration::from_secs(args.grace_period_s),
         progress_interval: Duration::from_millis(args.progress_interval_ms),
+        lora: lora_settings(&args.lora, args.storage.s3_options())?,
+        lora_memory_bytes: args.lora.lora_memory_max_mb.saturating_mul(MIB),
+    })
+}
+
+const MIB: u64 = 1 << 20;
+
+/// `--lora-*` flags → where adapters may come from. The disk cache must hold at least one file of
+/// the largest size accepted.
+pub fn lora_settings(
+    args: &crate::cli::LoraArgs,
+    s3: crate::storage::S3Options,
+) -> Result<crate::adapters::LoraSettings, UsageError> {
+    let s3_allow = args
+        .lora_s3_allow
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(crate::adapters::S3Allow::parse)
+        .collect::<Result<_, _>>()
+        .map_err(UsageError)?;
+    if args.lora_max_mb == 0 || args.lora_cache_max_mb < args.lora_max_mb {
+        return Err(UsageError(format!(
+            "--lora-cache-max-mb ({}) must be at least --lora-max-mb ({}), which must be at least 1",
+            args.lora_cache_max_mb, args.lora_max_mb
+        )));
+    }
+    let cache_dir = args.lora_cache_dir.clone().unwrap_or_else(|| {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir);
+        base.join("t2i").join("loras")
+    });
+    Ok(crate::adapters::LoraSettings {
+        dir: args.lora_dir.clone(),
+        cache_dir,
+        cache_max_bytes: args.lora_cache_max_mb.saturating_mul(MIB),
+        max_file_bytes: args.lora_max_mb.saturating_mul(MIB),
+        s3_allow,
+        s3,
+        allow_http: args.lora_allow_http,
+        allow_private_networks: args.lora_allow_private_networks,
+        allow_hosts: args.lora_allow_host.clone(),
+        timeout: Duration::from_secs(args.lora_fetch_timeout_s.max(1)),
     })
 }
 
@@ -277,6 +327,25 @@ mod tests {
         assert_eq!(set.event_source, "https://images.example.com/t2i");
         let bad = worker(&["--event-source", "not a uri"]).unwrap_err();
         assert!(bad.0.contains("--event-source"), "{bad}");
+    }
+
+    #[test]
+    fn lora_flags_become_bounds_and_an_s3_allow_list() {
+        let w = worker(&[
+            "--lora-s3-allow",
+            "s3://loras/public/,s3://team",
+            "--lora-max-mb",
+            "8",
+        ])
+        .unwrap();
+        assert_eq!(w.lora.max_file_bytes, 8 << 20);
+        assert_eq!(w.lora.s3_allow.len(), 2);
+        assert_eq!(w.lora_memory_bytes, 4096 << 20);
+        assert!(w.lora.dir.is_none() && !w.lora.allow_http);
+        let e = worker(&["--lora-s3-allow", "loras/public"]).unwrap_err();
+        assert!(e.0.contains("s3://bucket"), "{e}");
+        let e = worker(&["--lora-max-mb", "100", "--lora-cache-max-mb", "10"]).unwrap_err();
+        assert!(e.0.contains("--lora-cache-max-mb"), "{e}");
     }
 
     #[test]

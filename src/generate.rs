@@ -1,9 +1,10 @@
 //! `t2i generate`: prompts in, image files out, no broker.
 //!
 //! flags → `GenerationRequest` per prompt → `Generation::parse` (checked before the model loads, so a
-//! typo fails in milliseconds) → `Pipeline::render` in batches of `--batch-size` → `image::encode`
+//! typo fails in milliseconds) → `--lora` adapters fetched (`adapters::Fetcher`, the worker's policy
+//! and `--lora-*` flags) → `Pipeline::render` in batches of `--batch-size` → `image::encode`
 //! with the parameters embedded → files. Prints one line per written file on stdout and per-phase
-//! timings on stderr. Does not talk to RabbitMQ or S3.
+//! timings on stderr. Does not talk to RabbitMQ; S3 only for `s3://` adapters.
 
 use std::io::BufRead;
 use std::ops::ControlFlow;
@@ -16,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::cli::{GenerateArgs, UsageError};
 use crate::config::ModelConfig;
 use crate::image::{ImageFormat, ImageMetadata, ParametersText, encode, parameters_text};
-use crate::job::{Generation, GenerationRequest, Limits, ModelDefaults};
+use crate::job::{Generation, GenerationRequest, Limits, LoraRequest, ModelDefaults};
 use crate::pipeline::{ImageSpec, RenderBatch};
 
 /// One image to produce, in output order.
@@ -32,11 +33,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let limits = Limits::default();
     // One seed for every prompt (same-seed prompt comparisons, as SD UIs do); drawn once if absent.
     let seed = args.seed.unwrap_or_else(rand::random);
+    let loras: Vec<LoraRequest> = args.loras.iter().map(|a| lora_request(a)).collect();
     let requests: Vec<GenerationRequest> = prompts
         .iter()
         .map(|p| GenerationRequest {
             seed: Some(seed),
             num_images: Some(args.num_images),
+            loras: (!loras.is_empty()).then(|| loras.clone()),
             ..args.generation.request(p)
         })
         .collect();
@@ -50,6 +53,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let format = output_format(&args)?;
     let model = ModelConfig::from_args(&args.model)?;
+    // Adapters are fetched before the model loads: a bad one fails in seconds, not minutes.
+    let checked = Generation::parse(requests[0].clone(), &limits, &ModelDefaults::default())
+        .map_err(|e| UsageError(e.to_string()))?;
+    let (fetched_loras, held_files) = fetch_loras(&args, checked.loras)?;
     let total_images = prompts.len() * args.num_images as usize;
     let single_file = is_single_file(&args.output, total_images)?;
     let latents = args
@@ -66,11 +73,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     })?;
     let pipeline = &loaded.pipeline;
+    pipeline.set_lora_memory_budget(args.lora.lora_memory_max_mb.saturating_mul(1 << 20));
     let defaults = pipeline.model_defaults();
     let generations: Vec<Generation> = requests
         .into_iter()
-        .map(|r| Generation::parse(r, &limits, &defaults).map_err(|e| UsageError(e.to_string())))
+        .map(|r| {
+            let mut g =
+                Generation::parse(r, &limits, &defaults).map_err(|e| UsageError(e.to_string()))?;
+            // The fetched adapters' hashes, for the images' metadata.
+            g.loras = fetched_loras.clone();
+            Ok::<_, UsageError>(g)
+        })
         .collect::<Result<_, _>>()?;
+    let adapter_files: Vec<_> = fetched_loras
+        .iter()
+        .zip(&held_files)
+        .map(|(lora, fetched)| fetched.adapter(lora))
+        .collect();
     if let Some(l) = &latents {
         let g = &generations[0];
         let f = pipeline.vae_scale_factor();
@@ -121,7 +140,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .as_ref()
             .map(|l| l.narrow(0, start, chunk.len()))
             .transpose()?;
-        let batch = RenderBatch::new(g0, images).with_latents(latents);
+        let batch = RenderBatch::new(g0, images)
+            .with_latents(latents)
+            .with_loras(adapter_files.clone());
         let rendered = pipeline
             .render(&batch, &mut |_| {
                 bar.inc(1);
@@ -163,6 +184,48 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         written,
     );
     Ok(())
+}
+
+/// `--lora URI[:SCALE]`: the scale is what follows the last `:` when it is a number and the rest is
+/// not empty (a URI's own `:` are followed by `//` or a port and a path).
+fn lora_request(arg: &str) -> LoraRequest {
+    if let Some((uri, scale)) = arg.rsplit_once(':')
+        && !uri.is_empty()
+        && !scale.contains('/')
+        && let Ok(scale) = scale.parse::<f64>()
+    {
+        return LoraRequest {
+            uri: uri.to_string(),
+            scale: Some(scale),
+        };
+    }
+    LoraRequest {
+        uri: arg.to_string(),
+        scale: None,
+    }
+}
+
+/// Fetches the `--lora` adapters (their hashes filled in) on a runtime of its own; the fetched files
+/// are held until the images are written. A refused or unusable adapter is a usage error (exit 2).
+fn fetch_loras(
+    args: &GenerateArgs,
+    mut loras: Vec<crate::job::Lora>,
+) -> Result<(Vec<crate::job::Lora>, Vec<crate::adapters::Fetched>)> {
+    if loras.is_empty() {
+        return Ok((loras, Vec::new()));
+    }
+    let settings = crate::config::lora_settings(&args.lora, Default::default())?;
+    let fetcher = crate::adapters::Fetcher::new(settings).map_err(UsageError)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime for LoRA downloads")?;
+    let fetched = runtime.block_on(fetcher.fetch_all(&mut loras));
+    match fetched {
+        Ok(files) => Ok((loras, files)),
+        Err((i, e)) if e.is_retryable() => Err(anyhow::anyhow!("--lora {}: {e}", loras[i].uri)),
+        Err((i, e)) => Err(UsageError(format!("--lora {}: {e}", loras[i].uri)).into()),
+    }
 }
 
 fn collect_prompts(args: &GenerateArgs) -> Result<Vec<String>> {
@@ -247,6 +310,7 @@ fn metadata(g: &Generation, planned: &Planned, model: &ModelConfig) -> ImageMeta
         "seed": planned.spec.seed,
         "index": planned.index,
         "num_images": g.num_images,
+        "loras": g.loras,
         "model": model.spec,
         "dtype": model.dtype_name(),
     });
@@ -323,6 +387,40 @@ impl Timings {
             self.vae_decode.as_secs_f64(),
             self.encode.as_secs_f64(),
             total.as_secs_f64(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lora_flag_takes_a_scale_only_after_the_last_colon() {
+        let r = |a: &str| {
+            let r = lora_request(a);
+            (r.uri, r.scale)
+        };
+        assert_eq!(
+            r("styles/ink.safetensors"),
+            ("styles/ink.safetensors".into(), None)
+        );
+        assert_eq!(
+            r("styles/ink.safetensors:0.8"),
+            ("styles/ink.safetensors".into(), Some(0.8))
+        );
+        assert_eq!(
+            r("s3://b/k.safetensors:-1"),
+            ("s3://b/k.safetensors".into(), Some(-1.0))
+        );
+        assert_eq!(r("hf://owner/repo"), ("hf://owner/repo".into(), None));
+        assert_eq!(
+            r("https://h.example:8443/x.safetensors"),
+            ("https://h.example:8443/x.safetensors".into(), None)
+        );
+        assert_eq!(
+            r("hf://owner/repo:1.5"),
+            ("hf://owner/repo".into(), Some(1.5))
         );
     }
 }

@@ -1,7 +1,9 @@
 //! RGB pixels → PNG, JPEG or WebP bytes, with the generation parameters embedded where SD tools look.
 //!
 //! * PNG: a text chunk `parameters` in the A1111 format every SD tool reads
-//!   (`prompt\nNegative prompt: …\nSteps: 25, Sampler: Euler, CFG scale: 7, Seed: 42, Size: …, Model: …`)
+//!   (`prompt\nNegative prompt: …\nSteps: 25, Sampler: Euler, CFG scale: 7, Seed: 42, Size: …, Model: …`;
+//!   LoRA adapters as A1111's Lora extension writes them: `<lora:name:scale>` after the prompt and
+//!   `Lora hashes: "name: 0123456789ab, …"`)
 //!   and a chunk `t2i` with the full normalized job as JSON. `tEXt` when the text is Latin-1,
 //!   `iTXt` (UTF-8) otherwise, as Pillow does.
 //! * JPEG and WebP: EXIF `UserComment` with the `parameters` text (UNICODE, as A1111/piexif write it);
@@ -44,6 +46,8 @@ pub struct ParametersText<'a> {
     pub width: u32,
     pub height: u32,
     pub model: &'a str,
+    /// The generation's LoRA adapters (their short hashes once fetched).
+    pub loras: &'a [crate::job::Lora],
 }
 
 impl<'a> ParametersText<'a> {
@@ -59,6 +63,7 @@ impl<'a> ParametersText<'a> {
             width: g.width,
             height: g.height,
             model,
+            loras: &g.loras,
         }
     }
 }
@@ -72,8 +77,20 @@ pub fn model_display_name(spec: &str) -> &str {
 }
 
 /// `prompt\nNegative prompt: …\nSteps: …, Sampler: …, CFG scale: …, Seed: …, Size: WxH, Model: …`.
+///
+/// With LoRA adapters, as A1111 writes them (`extensions-builtin/Lora/extra_networks_lora.py`): each
+/// as `<lora:name:scale>` after the prompt (A1111 keeps the tags the user typed in the prompt; ours
+/// come from the job's `loras`, so they are appended), and `Lora hashes: "name: hash, …"` after the
+/// other parameters, the value quoted as A1111's `infotext_utils.quote` quotes one with `:` or `,`.
+/// The encoders never see the tags: they are metadata for tools that read it back.
 pub fn parameters_text(p: &ParametersText<'_>) -> String {
     let mut s = p.prompt.to_string();
+    for l in p.loras {
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        s.push_str(&format!("<lora:{}:{}>", l.name(), l.scale));
+    }
     if let Some(n) = p.negative_prompt.filter(|n| !n.is_empty()) {
         s.push_str("\nNegative prompt: ");
         s.push_str(n);
@@ -82,7 +99,27 @@ pub fn parameters_text(p: &ParametersText<'_>) -> String {
         "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
         p.steps, p.sampler, p.guidance_scale, p.seed, p.width, p.height, p.model
     ));
+    let hashes: Vec<String> = p
+        .loras
+        .iter()
+        .filter_map(|l| Some(format!("{}: {}", l.name(), l.short_hash.as_deref()?)))
+        .collect();
+    if !hashes.is_empty() {
+        s.push_str(&format!(
+            ", Lora hashes: {}",
+            a1111_quote(&hashes.join(", "))
+        ));
+    }
     s
+}
+
+/// A1111's `infotext_utils.quote`: a value with `,`, `:` or a newline is written as a JSON string.
+fn a1111_quote(v: &str) -> String {
+    if v.contains([',', ':', '\n']) {
+        serde_json::to_string(v).unwrap_or_else(|_| v.to_string())
+    } else {
+        v.to_string()
+    }
 }
 
 /// Encodes `img`. `quality` (1..=100) applies to JPEG only.
@@ -216,6 +253,7 @@ mod tests {
                 width: 8,
                 height: 8,
                 model: "SSD-1B",
+                loras: &[],
             }),
             job_json: r#"{"prompt":"x"}"#.into(),
         }
@@ -226,6 +264,41 @@ mod tests {
         assert_eq!(
             meta("a wolf").parameters,
             "a wolf\nNegative prompt: blurry\nSteps: 25, Sampler: Euler, CFG scale: 7, Seed: 42, Size: 8x8, Model: SSD-1B"
+        );
+    }
+
+    #[test]
+    fn loras_are_tagged_after_the_prompt_and_hashed_as_a1111_does() {
+        let loras = crate::job::lora::parse_loras(vec![
+            crate::job::LoraRequest {
+                uri: "hf://owner/styles/ink-style.safetensors".into(),
+                scale: Some(0.8),
+            },
+            crate::job::LoraRequest {
+                uri: "s3://bucket/people/face.safetensors".into(),
+                scale: Some(-1.0),
+            },
+        ])
+        .unwrap();
+        let mut loras = loras;
+        loras[0].short_hash = Some("0123456789ab".into());
+        loras[1].short_hash = Some("ba9876543210".into());
+        let text = parameters_text(&ParametersText {
+            prompt: "a wolf",
+            negative_prompt: None,
+            steps: 4,
+            sampler: "Euler",
+            guidance_scale: 5.0,
+            seed: 1,
+            width: 64,
+            height: 64,
+            model: "SSD-1B",
+            loras: &loras,
+        });
+        assert_eq!(
+            text,
+            "a wolf <lora:ink-style:0.8> <lora:face:-1>\nSteps: 4, Sampler: Euler, CFG scale: 5, \
+             Seed: 1, Size: 64x64, Model: SSD-1B, Lora hashes: \"ink-style: 0123456789ab, face: ba9876543210\""
         );
     }
 

@@ -3,7 +3,8 @@
 //!
 //! This is the one place the job contract's bounds are enforced (docs/architecture.md §2 "Job
 //! message"): sizes are multiples of 8 within the configured side and pixel bounds, steps 1..=150,
-//! guidance finite in 0..=30, 1..=8 images, known scheduler names, prompts at most 4000 characters. A violation is a [`Rejection`] that
+//! guidance finite in 0..=30, 1..=8 images, known scheduler names, prompts at most 4000 characters,
+//! at most 8 LoRA adapters with well-formed URIs and scales ([`lora`]). A violation is a [`Rejection`] that
 //! names the field, the value and the bound. `t2i generate` builds a request from its flags; the queue
 //! worker builds one from a message. Pure: no I/O, no model.
 
@@ -11,11 +12,13 @@ use serde::{Deserialize, Serialize};
 
 mod format;
 mod long_prompt;
+pub mod lora;
 pub mod message;
 pub mod model;
 mod sampler;
 pub use format::ImageFormat;
 pub use long_prompt::LongPrompt;
+pub use lora::{Lora, LoraRequest, LoraSource};
 pub use message::{BadBody, Job, JobId, JobRequest, OutputSpec, parse_job_body};
 pub use model::{ModelSlug, model_matches};
 pub use sampler::SchedulerKind;
@@ -44,6 +47,9 @@ pub struct GenerationRequest {
     /// `chunk` or `truncate` ([`LongPrompt`]); absent: `chunk`.
     #[serde(default)]
     pub long_prompt: Option<String>,
+    /// LoRA adapters ([`lora::parse_loras`]); absent: none.
+    #[serde(default)]
+    pub loras: Option<Vec<LoraRequest>>,
 }
 
 /// Operator-configured bounds (`t2i` flags); defaults from docs/architecture.md §2 "Job message".
@@ -140,6 +146,9 @@ pub struct Generation {
     pub num_images: u32,
     /// How prompts over the encoders' 77 tokens are encoded.
     pub long_prompt: LongPrompt,
+    /// LoRA adapters merged into the model for this generation, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<Lora>,
 }
 
 impl Generation {
@@ -232,6 +241,7 @@ impl Generation {
                 format!("must be in 1..={}", limits.max_images),
             ));
         }
+        let loras = lora::parse_loras(req.loras.unwrap_or_default())?;
         let (seed, seed_was_random) = match req.seed {
             Some(s) => (s, false),
             None => (rand::random::<u64>(), true),
@@ -248,6 +258,7 @@ impl Generation {
             seed_was_random,
             num_images,
             long_prompt,
+            loras,
         })
     }
 
@@ -257,12 +268,15 @@ impl Generation {
     }
 
     /// Whether two generations can share a pipeline batch (same size, steps, sampler, guidance and
-    /// long-prompt mode: the mode decides the batch's context length).
+    /// long-prompt mode: the mode decides the batch's context length; the same LoRA adapters with
+    /// the same scales, in the same order and, once fetched, the same files: one batch runs on one
+    /// merged model).
     pub fn is_batchable_with(&self, other: &Generation) -> bool {
         (self.width, self.height, self.steps, self.scheduler)
             == (other.width, other.height, other.steps, other.scheduler)
             && self.guidance_scale == other.guidance_scale
             && self.long_prompt == other.long_prompt
+            && self.loras == other.loras
     }
 }
 

@@ -7,13 +7,15 @@
 //!
 //! ```text
 //! queue::Consumer → Delivery → worker::intake (job::parse_job_body, earlier result?, deadline,
-//!   cancellations) → worker::batcher (compatible jobs) → worker::render (pipeline::runner, the device
-//!   thread: tokenize → text encoders → denoise loop → VAE) → (Job, Action) → worker::complete
+//!   cancellations; adapters::Fetcher brings LoRA files to disk) → worker::batcher (compatible
+//!   jobs) → worker::render (pipeline::runner, the device thread: tokenize → text encoders →
+//!   denoise loop → VAE, LoRA variants from pipeline::lora) → (Job, Action) → worker::complete
 //!   (image::encode → storage::ImageStore::put under ObjectKey → events::CloudEvent → queue::Publisher,
 //!   confirmed) → Outcome → worker::session settles the delivery (ack, reject, retry copy)
 //! ```
 //!
-//! Side paths: `generate`: flags → `job::Generation::parse` → `pipeline::Pipeline::render` → files;
+//! Side paths: `generate`: flags → `job::Generation::parse` (→ `adapters::Fetcher`) →
+//! `pipeline::Pipeline::render` → files;
 //! `enqueue`: JSONL/CSV/templates → `parse_job_body` → `queue::Publisher`; `webhooks`: events →
 //! signed POST → ack; `gateway`: HTTP → `parse_job_body` → `queue::Publisher` (→ reply queue).
 //!
@@ -26,6 +28,7 @@
 #![deny(unsafe_code)]
 #![warn(clippy::dbg_macro, clippy::todo)]
 
+pub mod adapters;
 pub mod batch;
 pub mod bench;
 pub mod cancel;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::{
-    BrokerArgs, DatasetArgs, GenerationArgs, LimitArgs, ModelArgs, StorageArgs, WatchArgs,
+    BrokerArgs, DatasetArgs, GenerationArgs, LimitArgs, LoraArgs, ModelArgs, StorageArgs, WatchArgs,
 };
 
 #[derive(Debug, Args)]
@@ -83,6 +83,14 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+
+    /// A LoRA adapter for every image, `URI[:SCALE]` (scale 1 when left out; write `:1` when the URI
+    /// itself ends in `:<number>`); repeat for several. URIs as in jobs' `loras[].uri`.
+    #[arg(long = "lora", value_name = "URI[:SCALE]")]
+    pub loras: Vec<String>,
+
+    #[command(flatten)]
+    pub lora: LoraArgs,
 
     #[command(flatten)]
     pub model: ModelArgs,
@@ -163,6 +171,9 @@ pub struct WorkerArgs {
 
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub lora: LoraArgs,
 }
 
 #[derive(Debug, Args)]

@@ -184,6 +184,57 @@ impl StorageArgs {
     }
 }
 
+/// Where jobs' LoRA adapters may come from and how much of them is kept (`t2i worker`, `t2i
+/// generate`); see `crate::adapters` for the policy.
+#[derive(Debug, Clone, Args)]
+pub struct LoraArgs {
+    /// Folder that local LoRA paths (`loras[].uri` without a scheme) are resolved in; nothing outside
+    /// it is ever read (`..`, absolute paths and symlinks leading out are refused). Without it,
+    /// local paths are refused.
+    #[arg(long, env = "T2I_LORA_DIR")]
+    pub lora_dir: Option<std::path::PathBuf>,
+
+    /// Folder for downloaded LoRA files (S3, https, hub) [default: $XDG_CACHE_HOME/t2i/loras, else
+    /// ~/.cache/t2i/loras].
+    #[arg(long, env = "T2I_LORA_CACHE_DIR")]
+    pub lora_cache_dir: Option<std::path::PathBuf>,
+
+    /// Most megabytes of downloaded LoRA files kept on disk; the least recently used go first.
+    #[arg(long, env = "T2I_LORA_CACHE_MAX_MB", default_value_t = 10240)]
+    pub lora_cache_max_mb: u64,
+
+    /// Largest LoRA file accepted, in megabytes (a download stops there).
+    #[arg(long, env = "T2I_LORA_MAX_MB", default_value_t = 1024)]
+    pub lora_max_mb: u64,
+
+    /// Most megabytes of merged LoRA model variants kept in (device) memory; the least recently
+    /// used go first, the last one used always stays.
+    #[arg(long, env = "T2I_LORA_MEMORY_MAX_MB", default_value_t = 4096)]
+    pub lora_memory_max_mb: u64,
+
+    /// `s3://bucket[/prefix]` under which `s3://` LoRAs may be read (repeatable or comma-separated);
+    /// without one, S3 LoRAs are refused.
+    #[arg(long, env = "T2I_LORA_S3_ALLOW", value_delimiter = ',')]
+    pub lora_s3_allow: Vec<String>,
+
+    /// Accept http:// LoRA URLs (https only by default).
+    #[arg(long, env = "T2I_LORA_ALLOW_HTTP")]
+    pub lora_allow_http: bool,
+
+    /// `host:port` whose LoRA URLs are fetched whatever its address (e.g. an in-cluster file server);
+    /// repeatable or comma-separated.
+    #[arg(long, env = "T2I_LORA_ALLOW_HOSTS", value_delimiter = ',')]
+    pub lora_allow_host: Vec<String>,
+
+    /// Fetch LoRA URLs from any address, private networks included (trusted networks only).
+    #[arg(long, env = "T2I_LORA_ALLOW_PRIVATE_NETWORKS")]
+    pub lora_allow_private_networks: bool,
+
+    /// Longest LoRA download, in seconds.
+    #[arg(long, env = "T2I_LORA_FETCH_TIMEOUT_S", default_value_t = 600)]
+    pub lora_fetch_timeout_s: u64,
+}
+
 /// The shape of an image, for the subcommands that make or describe jobs (`generate`, `enqueue`,
 /// `bench`). Absent values take the model's defaults, exactly as a job's absent fields do.
 #[derive(Debug, Clone, Args)]
@@ -235,6 +286,7 @@ impl GenerationArgs {
             seed: None,
             num_images: None,
             long_prompt: self.long_prompt.clone(),
+            loras: None,
         }
     }
 }

@@ -79,6 +79,12 @@ pub struct JobRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("enum" = ["chunk", "truncate"]))]
     pub long_prompt: Option<String>,
+    /// LoRA adapters merged into the model for this job (UNet and text encoders), at most 8, each
+    /// listed once; diffusers/PEFT and kohya safetensors files. Jobs are batched together only
+    /// with the same adapters and scales.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub loras: Option<Vec<super::LoraRequest>>,
     /// The model the job is for: a hub repo id (`segmind/SSD-1B`), its short name (`SSD-1B`) or a
     /// model folder's name. It routes the job to the pool serving that model (`{lane}.{slug}`, the
     /// slug being the last segment, lowercased); with no pool serving it, the job fails at once with
@@ -295,6 +301,7 @@ impl Job {
                 seed: req.seed,
                 num_images: req.num_images,
                 long_prompt: req.long_prompt,
+                loras: req.loras,
             },
             limits,
             defaults,
@@ -428,6 +435,8 @@ impl Job {
             seed: Some(g.seed),
             num_images: Some(g.num_images),
             long_prompt: Some(g.long_prompt.as_str().to_string()),
+            loras: (!g.loras.is_empty())
+                .then(|| g.loras.iter().map(super::Lora::to_request).collect()),
             model: self.model.clone(),
             output: Some(OutputRequest {
                 format: Some(self.output.format),

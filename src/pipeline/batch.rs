@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use image::RgbImage;
 
 use super::SchedulerKind;
+use super::lora::AdapterFile;
 use crate::job::{Generation, LongPrompt};
 
 /// One image of a batch.
@@ -20,7 +21,8 @@ pub struct ImageSpec {
     pub seed: u64,
 }
 
-/// Images rendered together: one size, step count, sampler, guidance scale and long-prompt mode.
+/// Images rendered together: one size, step count, sampler, guidance scale, long-prompt mode and
+/// set of LoRA adapters.
 #[derive(Debug, Clone)]
 pub struct RenderBatch {
     pub images: Vec<ImageSpec>,
@@ -34,6 +36,8 @@ pub struct RenderBatch {
     /// Explicit unscaled initial latents `(B, 4, h/8, w/8)`, like diffusers' `latents=`; the seeds still
     /// drive per-step noise.
     pub latents: Option<Tensor>,
+    /// LoRA adapters merged into the model for the whole batch (local files; empty: none).
+    pub loras: Vec<AdapterFile>,
 }
 
 impl ImageSpec {
@@ -61,7 +65,13 @@ impl RenderBatch {
             scheduler: g.scheduler,
             long_prompt: g.long_prompt,
             latents: None,
+            loras: Vec::new(),
         }
+    }
+
+    /// The same batch with LoRA adapters (the files of `g.loras`, fetched by the caller).
+    pub fn with_loras(self, loras: Vec<AdapterFile>) -> Self {
+        Self { loras, ..self }
     }
 
     /// The images `indices` of this batch (and their rows of explicit latents), the rest as is.

@@ -4,8 +4,8 @@
 //! `render` reads `encode_prompts → initial_latents → denoise → decode → to_images`, reproducing
 //! diffusers' `StableDiffusionXLPipeline.__call__` (SDXL, SSD-1B, Vega) or
 //! `StableDiffusionPipeline.__call__` (SD 1.x/2.x) on the same weights, latents and scheduler (the
-//! parity tests hold it to that). A batch shares size, steps, sampler and guidance; each image has its
-//! own prompt, negative prompt and seed. This module owns no threads and knows nothing of queues,
+//! parity tests hold it to that). A batch shares size, steps, sampler, guidance and LoRA adapters
+//! (merged into a cached model variant, [`lora`]); each image has its own prompt, negative prompt and seed. This module owns no threads and knows nothing of queues,
 //! files or image formats.
 
 mod batch;
@@ -14,6 +14,7 @@ pub mod clip;
 pub mod config;
 pub mod cost;
 pub mod denoise;
+pub mod lora;
 mod norm;
 pub mod ops;
 pub mod prompt;
@@ -79,6 +80,9 @@ pub enum PipelineError {
     Stopped { step: usize },
     #[error("decoding latents with the VAE: {0}")]
     DecodeVae(candle_core::Error),
+    /// The job's LoRA adapters do not fit this model (or could not be read): the job's fault.
+    #[error(transparent)]
+    Lora(#[from] lora::LoraError),
 }
 
 impl PipelineError {
@@ -110,6 +114,8 @@ pub struct Pipeline {
     device: Device,
     dtype: DType,
     load_report: Vec<ComponentLoad>,
+    /// The recorded base weights LoRA variants are built from, and the variants' cache.
+    adapters: lora::Adapters,
 }
 
 impl Pipeline {
@@ -151,18 +157,20 @@ impl Pipeline {
         } else {
             dtype
         };
-        let vb =
-            |component: &'static str, stem: &str, dt: DType| -> Result<_, PipelineError> {
-                let dir = root.join(component);
-                let files = weights::weight_files(&dir, stem, opts.variant, dtype)?;
-                let (vb, stats) = weights::var_builder(&files, dt, &opts.device, component)
-                    .map_err(|source| PipelineError::LoadWeights {
-                        component,
-                        path: dir.clone(),
-                        source,
-                    })?;
-                Ok((vb, stats, dir))
-            };
+        // The tensors of the components LoRA adapters may change are recorded as they load (`lora`).
+        let recorder = lora::Recorder::new();
+        let vb = |component: &'static str, stem: &str, dt: DType| -> Result<_, PipelineError> {
+            let dir = root.join(component);
+            let files = weights::weight_files(&dir, stem, opts.variant, dtype)?;
+            let (vb, stats) = recorder
+                .var_builder(&files, dt, &opts.device, component)
+                .map_err(|source| PipelineError::LoadWeights {
+                    component,
+                    path: dir.clone(),
+                    source,
+                })?;
+            Ok((vb, stats, dir))
+        };
         // Builds one component and records where its time went.
         fn build<T>(
             (vb, stats, dir): (VarBuilder<'static>, weights::LoadStats, PathBuf),
@@ -219,6 +227,7 @@ impl Pipeline {
         };
         let ((unet, unet_load), (encoders, mut load_report, (vae, vae_load))) = (unet?, others?);
         load_report.extend([unet_load, vae_load]);
+        let adapters = recorder.into_adapters(unet_config, &text_plan, dtype, &opts.device);
         let text = text_plan.into_encoders(encoders, index.force_zeros_for_empty_prompt);
         Ok(Self {
             root: root.to_path_buf(),
@@ -232,6 +241,7 @@ impl Pipeline {
             device: opts.device.clone(),
             dtype,
             load_report,
+            adapters,
         })
     }
 
@@ -433,12 +443,22 @@ impl Pipeline {
     ) -> Result<Rendered, PipelineError> {
         let mut timings = PhaseTimings::default();
         let t0 = Instant::now();
+        // The batch's adapters (one set per batch: the batch key): their variant's components
+        // where it has them, the base model's elsewhere.
+        let variant = self.adapted(&batch.loras)?;
+        let (text, unet) = match &variant {
+            Some(v) => (
+                v.text().unwrap_or(&self.text),
+                v.unet().unwrap_or(&self.unet),
+            ),
+            None => (&self.text, &self.unet),
+        };
         let phase = ops::profile::phase(ops::profile::Phase::TextEncode);
         let prompt::BatchEmbeddings {
             context,
             pooled,
             truncated,
-        } = self.text.encode_batch(batch)?;
+        } = text.encode_batch(batch)?;
         let rows = context.dim(0).map_err(PipelineError::EncodePrompt)?;
         let (h, w) = (batch.height as f64, batch.width as f64);
         // SDXL micro-conditioning: original size = target size = (H, W), crop (0, 0) (diffusers defaults).
@@ -447,8 +467,7 @@ impl Pipeline {
             pooled,
             time_ids: &time_ids,
         });
-        let conditioning = self
-            .unet
+        let conditioning = unet
             .conditioning(rows, text_time)
             .map_err(PipelineError::EncodePrompt)?;
         // Device work is asynchronous on CUDA/Metal: synchronise so phase timings mean something.
@@ -473,11 +492,12 @@ impl Pipeline {
             conditioning: &conditioning,
             guidance_scale: batch.guidance_scale,
         };
-        let latents = denoise::denoise(&self.unet, sampler.as_mut(), inputs, noise, on_step)
-            .map_err(|e| match e {
+        let latents = denoise::denoise(unet, sampler.as_mut(), inputs, noise, on_step).map_err(
+            |e| match e {
                 DenoiseError::Model { step, source } => PipelineError::Denoise { step, source },
                 DenoiseError::Stopped { step } => PipelineError::Stopped { step },
-            })?;
+            },
+        )?;
         self.device
             .synchronize()
             .map_err(|source| PipelineError::Denoise {

@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -57,9 +58,9 @@ pub(crate) struct BatchEmbeddings {
     pub truncated: Vec<bool>,
 }
 
-/// One tokenizer and the encoder it feeds.
+/// One tokenizer and the encoder it feeds (the tokenizer shared with LoRA variants' encoders).
 struct Encoder {
-    tokenizer: ClipTokenizer,
+    tokenizer: Arc<ClipTokenizer>,
     encoder: ClipTextEncoder,
 }
 
@@ -112,6 +113,11 @@ impl TextPlan {
         }
     }
 
+    /// Encoder `i`'s config and output: what rebuilding it over other weights takes (LoRA variants).
+    pub(crate) fn encoder_spec(&self, i: usize) -> (ClipConfig, ClipOutput) {
+        (self.configs[i].clone(), self.output(i))
+    }
+
     /// Builds encoder `i` from its weights.
     pub(crate) fn build_encoder(
         &self,
@@ -132,7 +138,10 @@ impl TextPlan {
                 .tokenizers
                 .into_iter()
                 .zip(encoders)
-                .map(|(tokenizer, encoder)| Encoder { tokenizer, encoder })
+                .map(|(tokenizer, encoder)| Encoder {
+                    tokenizer: Arc::new(tokenizer),
+                    encoder,
+                })
                 .collect(),
             force_zeros_for_empty_prompt,
         }
@@ -165,6 +174,22 @@ pub(crate) struct TextEncoders {
 }
 
 impl TextEncoders {
+    /// The same tokenizers over other encoders, in the same order (a LoRA variant's).
+    pub(crate) fn with_encoders(&self, encoders: Vec<ClipTextEncoder>) -> Self {
+        Self {
+            encoders: self
+                .encoders
+                .iter()
+                .zip(encoders)
+                .map(|(e, encoder)| Encoder {
+                    tokenizer: e.tokenizer.clone(),
+                    encoder,
+                })
+                .collect(),
+            force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
+        }
+    }
+
     /// Token ids of every tokenizer for one prompt, in encoder order.
     pub(crate) fn tokenize(&self, text: &str) -> Result<Vec<Tokens>, PipelineError> {
         self.encoders

@@ -14,7 +14,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 pub use local::LocalStore;
-pub use s3::S3Store;
+pub use s3::{S3Store, sdk_client};
 
 use crate::job::JobId;
 

@@ -29,6 +29,21 @@ pub struct S3Store {
     part_size: usize,
 }
 
+/// The environment's AWS configuration and an S3 client from it: path-style addressing when an
+/// endpoint is set (`AWS_ENDPOINT_URL[_S3]`: Garage, MinIO) unless `opts` says otherwise. The
+/// worker's store and its LoRA downloads (`crate::adapters`) use the same.
+pub async fn sdk_client(opts: &S3Options) -> (aws_config::SdkConfig, aws_sdk_s3::Client) {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    let custom_endpoint = std::env::var_os("AWS_ENDPOINT_URL").is_some()
+        || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
+    let conf = aws_sdk_s3::config::Builder::from(&sdk)
+        .force_path_style(opts.force_path_style.unwrap_or(custom_endpoint))
+        .build();
+    (sdk, aws_sdk_s3::Client::from_conf(conf))
+}
+
 impl S3Store {
     /// A client from the environment's AWS configuration, and one for presigning: the same
     /// credentials and region with `opts.public_endpoint` (path-style, unless told otherwise: a
@@ -39,15 +54,7 @@ impl S3Store {
         opts: &S3Options,
     ) -> Result<Self, StorageError> {
         opts.check()?;
-        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .load()
-            .await;
-        let custom_endpoint = std::env::var_os("AWS_ENDPOINT_URL").is_some()
-            || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
-        let conf = aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(opts.force_path_style.unwrap_or(custom_endpoint))
-            .build();
-        let client = aws_sdk_s3::Client::from_conf(conf);
+        let (sdk, client) = sdk_client(opts).await;
         let presigner = match &opts.public_endpoint {
             Some(endpoint) => aws_sdk_s3::Client::from_conf(
                 aws_sdk_s3::config::Builder::from(&sdk)

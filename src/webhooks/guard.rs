@@ -272,6 +272,31 @@ fn is_localhost_name(host: &str) -> bool {
     host == "localhost" || host.ends_with(".localhost")
 }
 
+/// The resolver's refusal of every address a name resolves to: an error of its own type, so that a
+/// caller can tell it from a connection that failed ([`is_refusal`]).
+#[derive(Debug)]
+pub struct Refusal(String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Whether a request failed because the guard refused where it led (not because a server was down).
+pub fn is_refusal(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<Refusal>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// The HTTP client's DNS resolver: resolves with the system resolver, then keeps only addresses the
 /// guard accepts (all of them for the `trusted` names); none left is an error.
 pub struct GuardedResolver {
@@ -297,7 +322,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
                     "refused {host}: {}",
                     why.unwrap_or_else(|| "resolves to no address".into())
                 );
-                return Err(msg.into());
+                return Err(Box::new(Refusal(msg)) as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
         })
@@ -423,6 +448,14 @@ impl WebhookClient {
         match self.guard.allows(&url) {
             true => self.trusted.post(url),
             false => self.strict.post(url),
+        }
+    }
+
+    /// A GET of `url` under the same policy (the workers' LoRA downloads, `crate::adapters`).
+    pub fn get(&self, url: Url) -> reqwest::RequestBuilder {
+        match self.guard.allows(&url) {
+            true => self.trusted.get(url),
+            false => self.strict.get(url),
         }
     }
 }

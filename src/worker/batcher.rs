@@ -1,7 +1,7 @@
 //! Grouping compatible jobs into one device batch. Pure: no clock of its own, no broker.
 //!
-//! Jobs are compatible when they share size, steps, sampler, guidance and long-prompt mode
-//! (`Generation::is_batchable_with`). The head of the interactive queue always goes first, so a bulk
+//! Jobs are compatible when they share size, steps, sampler, guidance, long-prompt mode and LoRA
+//! adapters with their scales (`Generation::is_batchable_with`: one batch runs on one merged model). The head of the interactive queue always goes first, so a bulk
 //! backlog delays an interactive job by at most the batch already on the device; bulk jobs with the
 //! same parameters may ride along. A batch that is not full waits at most `window` after its oldest
 //! job arrived, trading a little latency for throughput.
@@ -212,6 +212,59 @@ mod tests {
         b.push(with_mode("c", Some("chunk")));
         assert_eq!(ids(b.next_batch(t)), vec!["a", "c"]);
         assert_eq!(ids(b.next_batch(t)), vec!["b"]);
+    }
+
+    #[test]
+    fn only_jobs_with_the_same_adapters_scales_and_files_share_a_batch() {
+        let t = Instant::now();
+        let mut b = Batcher::new(8, Duration::ZERO);
+        let with = |id: &str, loras: &[(&str, f64)], sha: &str| {
+            let req = JobRequest {
+                job_id: id.into(),
+                prompt: "x".into(),
+                seed: Some(1),
+                loras: Some(
+                    loras
+                        .iter()
+                        .map(|(uri, scale)| crate::job::LoraRequest {
+                            uri: uri.to_string(),
+                            scale: Some(*scale),
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            };
+            let mut job = Job::parse(req, &Limits::default(), &ModelDefaults::default()).unwrap();
+            // As intake records them once the files are fetched.
+            for l in &mut job.generation.loras {
+                l.sha256 = Some(sha.into());
+            }
+            Pending {
+                job,
+                lane: Lane::Interactive,
+                arrived: t,
+                extra: (),
+            }
+        };
+        b.push(with("a", &[("ink.safetensors", 0.8)], "1"));
+        b.push(with("none", &[], "1"));
+        b.push(with("scale", &[("ink.safetensors", 0.5)], "1"));
+        b.push(with("b", &[("ink.safetensors", 0.8)], "1"));
+        b.push(with(
+            "stack",
+            &[("ink.safetensors", 0.8), ("face.safetensors", 1.0)],
+            "1",
+        ));
+        b.push(with("changed", &[("ink.safetensors", 0.8)], "2"));
+        b.push(with(
+            "order",
+            &[("face.safetensors", 1.0), ("ink.safetensors", 0.8)],
+            "1",
+        ));
+        assert_eq!(ids(b.next_batch(t)), vec!["a", "b"]);
+        for alone in ["none", "scale", "stack", "changed", "order"] {
+            assert_eq!(ids(b.next_batch(t)), vec![alone]);
+        }
     }
 
     #[test]

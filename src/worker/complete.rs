@@ -8,7 +8,8 @@
 //! * `End` (deadline passed, canceled): `failure.json`, then `job.expired` / `job.canceled` →
 //!   `Completed`.
 //! * `Fail` (OOM, device error, timeout, encoding): `failure.json`, then `job.failed` →
-//!   [`Outcome::Rejected`].
+//!   [`Outcome::Rejected`]. `Invalid` (a job valid on the wire whose LoRA adapters could not be
+//!   fetched or do not fit the model): the same, with `invalid_input` and the field.
 //! * `RetryOrFail` (storage trouble): [`Outcome::Retry`] before the last attempt, else `Fail`.
 //! * An invalid body: `job.failed` (`invalid_input`, field, value, bound) → `Rejected`.
 //!
@@ -91,6 +92,9 @@ pub enum Action {
     Reannounce(Box<EventData>),
     End(EventKind),
     Fail(ErrorCode, String),
+    /// The job is wrong for this worker in a way its parse could not see (a LoRA adapter): failed
+    /// with `invalid_input`, naming the field.
+    Invalid(Rejection),
     RetryOrFail(String),
 }
 
@@ -227,6 +231,16 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
             }
             Action::End(kind) => self.end_early(job, meta, kind).await,
             Action::Fail(code, message) => self.fail(job, meta, code, message).await,
+            Action::Invalid(rejection) => {
+                tracing::info!(job = %job.job_id, field = %rejection.field, reason = %rejection.reason, "failed: invalid for this worker");
+                let error = ErrorInfo {
+                    code: ErrorCode::InvalidInput,
+                    message: rejection.to_string(),
+                    field: Some(rejection.field),
+                    retryable: false,
+                };
+                self.fail_with(job, meta, error).await
+            }
             Action::RetryOrFail(error) => self.retry_or_fail(job, meta, error).await,
         }
     }
@@ -317,8 +331,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
 
     /// The job failed for good here (OOM, device error, timeout): `job.failed`, dead-letter.
     async fn fail(&self, job: &Job, meta: &JobMeta, code: ErrorCode, message: String) -> Outcome {
-        let mut data = self.data(job, meta.attempt, EventKind::Failed);
-        data.error = Some(ErrorInfo {
+        let error = ErrorInfo {
             code,
             message,
             field: None,
@@ -326,7 +339,14 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
                 code,
                 ErrorCode::Oom | ErrorCode::Timeout | ErrorCode::UploadFailed
             ),
-        });
+        };
+        self.fail_with(job, meta, error).await
+    }
+
+    /// `job.failed` with `error`, recorded first; dead-letter.
+    async fn fail_with(&self, job: &Job, meta: &JobMeta, error: ErrorInfo) -> Outcome {
+        let mut data = self.data(job, meta.attempt, EventKind::Failed);
+        data.error = Some(error);
         let prefix = &job.output.key_prefix;
         self.record_end(prefix, &job.job_id, JobState::Failed, &data)
             .await;

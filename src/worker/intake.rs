@@ -4,16 +4,20 @@
 //! result, the deadline and the cancellations, and returns one [`Intake`] value: invalid, settled
 //! now (with the [`Action`] for the completion handler), or waiting for a batch. It publishes
 //! nothing and settles nothing; the session acts on the value. [`Cancellations`] is the worker's
-//! memory of the control messages, also consulted while a batch renders.
+//! memory of the control messages, also consulted while a batch renders. [`fetch_adapters`] brings a
+//! job's LoRA files to local disk before it joins a batch, so the device never waits for a download.
 
 use std::collections::HashSet;
 
 use time::OffsetDateTime;
 
 use super::complete::Action;
+use crate::adapters::{Fetched, Fetcher};
 use crate::control::ControlMessage;
 use crate::events::{ErrorCode, EventData, EventKind};
-use crate::job::{BadBody, Job, Limits, ModelDefaults, ModelSlug, model_matches, parse_job_body};
+use crate::job::{
+    BadBody, Job, Limits, Lora, ModelDefaults, ModelSlug, Rejection, model_matches, parse_job_body,
+};
 use crate::storage::{ImageStore, ObjectKey};
 
 /// Jobs and batches canceled through the control exchange (kept for the life of the process).
@@ -112,4 +116,26 @@ pub async fn intake<S: ImageStore>(
         return Intake::Settled(job, Action::End(EventKind::Canceled));
     }
     Intake::Render(job)
+}
+
+/// Fetches `job`'s LoRA adapters and records their hashes in it (events report them; the batch key
+/// compares them). A source that is refused, missing, not safetensors or too big fails the job
+/// (`invalid_input`, naming `loras[i].uri`); a network or store failure retries it later.
+pub async fn fetch_adapters(fetcher: &Fetcher, job: &mut Job) -> Result<Vec<Fetched>, Action> {
+    if job.generation.loras.is_empty() {
+        return Ok(Vec::new());
+    }
+    let fetched = fetcher.fetch_all(&mut job.generation.loras).await;
+    fetched.map_err(|(i, e)| {
+        let uri = &job.generation.loras[i].uri;
+        if e.is_retryable() {
+            Action::RetryOrFail(format!("fetching LoRA {uri}: {e}"))
+        } else {
+            Action::Invalid(Rejection::new(
+                Lora::field(i, "uri"),
+                format!("{uri:?}"),
+                e.to_string(),
+            ))
+        }
+    })
 }

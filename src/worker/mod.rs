@@ -3,10 +3,10 @@
 //! A job's path, one file per stretch:
 //!
 //! ```text
-//! Delivery → intake.rs (parse, earlier result?, deadline, canceled?) ─settled now──────────┐
-//!   └─ Render → batcher.rs (compatible jobs, one batch) → render.rs (device thread,        │
-//!        started/progress, stop between steps) → (job, Action) ─────────────────────────────┤
-//!   complete.rs: Action → store + announce → Outcome  ◀────────────────────────────────────┘
+//! Delivery → intake.rs (parse, earlier result?, deadline, canceled?, LoRA files) ─settled now─┐
+//!   └─ Render → batcher.rs (compatible jobs, one batch) → render.rs (device thread,           │
+//!        started/progress, stop between steps) → (job, Action) ────────────────────────────────┤
+//!   complete.rs: Action → store + announce → Outcome  ◀───────────────────────────────────────┘
 //!   session.rs: Outcome → ack | reject (dead-letter) | retry copy + ack | leave (reconnect)
 //! ```
 //!
@@ -48,6 +48,21 @@ pub struct InHand {
     pub delivery: Delivery,
     /// Counts it in `t2i_jobs_held` until it is dropped, however it leaves.
     pub held: metrics::Held,
+    /// Its LoRA files, fetched at intake (held: the disk cache keeps them until the job leaves).
+    pub adapters: Vec<crate::adapters::Fetched>,
+}
+
+impl InHand {
+    /// The job's LoRA files as a render takes them.
+    pub fn adapter_files(&self) -> Vec<crate::pipeline::lora::AdapterFile> {
+        self.job
+            .generation
+            .loras
+            .iter()
+            .zip(&self.adapters)
+            .map(|(lora, fetched)| fetched.adapter(lora))
+            .collect()
+    }
 }
 
 /// What every session of the process shares.
@@ -60,6 +75,8 @@ pub(crate) struct Shared {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     cancellations: Arc<Mutex<Cancellations>>,
+    /// Fetches jobs' LoRA files at intake.
+    fetcher: Arc<crate::adapters::Fetcher>,
 }
 
 /// Device failures in a row after which the worker exits non-zero for its supervisor to replace it.
@@ -80,6 +97,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
             .await
             .with_context(|| format!("opening storage {}", cfg.storage))?,
     );
+    let fetcher = crate::adapters::Fetcher::new(cfg.lora.clone())
+        .map_err(anyhow::Error::msg)
+        .context("setting up LoRA fetching")?;
     let Warm {
         runner,
         defaults,
@@ -96,6 +116,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         health,
         metrics,
         cancellations: Arc::default(),
+        fetcher: Arc::new(fetcher),
     };
     let reconnect = Reconnect::new(&shared.cfg.amqp_url, &shared.cfg.worker_id);
     let mut device_failures = 0u32;
@@ -143,9 +164,10 @@ struct Warm {
 /// Loads the model, renders one tiny image (the first render pays for allocations and kernel
 /// loading; do it before consuming), and starts the render thread.
 async fn warm_up(cfg: &WorkerConfig) -> Result<Warm> {
-    let model_cfg = cfg.model.clone();
+    let (model_cfg, lora_budget) = (cfg.model.clone(), cfg.lora_memory_bytes);
     let loaded = tokio::task::spawn_blocking(move || {
         let loaded = model_cfg.load()?;
+        loaded.pipeline.set_lora_memory_budget(lora_budget);
         let request = GenerationRequest {
             prompt: "warm-up".into(),
             width: Some(64),

@@ -16,7 +16,8 @@ use super::complete::{Action, BatchTiming, Completion};
 use super::intake::Cancellations;
 use super::metrics::Metrics;
 use crate::events::{ErrorCode, EventKind, ProgressInfo};
-use crate::job::Job;
+use crate::job::{Job, Lora, Rejection};
+use crate::pipeline::lora::LoraError;
 use crate::pipeline::runner::Runner;
 use crate::pipeline::{ImageSpec, PipelineError, RenderBatch, StepProgress};
 use crate::queue::Publisher;
@@ -84,7 +85,9 @@ pub async fn render_batch(ctx: &RenderCtx, jobs: Vec<InHand>) -> Result<BatchRes
         .flat_map(|h| ImageSpec::all_of(&h.job.generation))
         .collect();
     ctx.metrics.batch_size.observe(images.len() as f64);
-    let batch = RenderBatch::new(&jobs[0].job.generation, images);
+    // One adapter set per batch (the batch key): the first job's files serve them all.
+    let batch =
+        RenderBatch::new(&jobs[0].job.generation, images).with_loras(jobs[0].adapter_files());
 
     let (progress_tx, progress_task) = progress_publisher(ctx, &jobs);
     let stop_reason: Arc<Mutex<Option<Stop>>> = Arc::default();
@@ -147,6 +150,28 @@ pub async fn render_batch(ctx: &RenderCtx, jobs: Vec<InHand>) -> Result<BatchRes
             };
             BatchResult {
                 jobs: jobs.into_iter().map(|h| (h, action())).collect(),
+                device_error: None,
+            }
+        }
+        Err(PipelineError::Lora(e)) if !matches!(e, LoraError::Merge { .. }) => {
+            // The adapters do not fit the model (or could not be read): the jobs' fault, not the
+            // device's. Every job of the batch has the same adapters.
+            let field = match &e {
+                LoraError::File { uri, .. }
+                | LoraError::Tensor { uri, .. }
+                | LoraError::Merge { uri, .. } => uri.clone(),
+            };
+            let jobs = jobs
+                .into_iter()
+                .map(|h| {
+                    let i = h.job.generation.loras.iter().position(|l| l.uri == field);
+                    let name = i.map_or("loras".to_string(), |i| Lora::field(i, "uri"));
+                    let rejection = Rejection::new(name, format!("{field:?}"), e.to_string());
+                    (h, Action::Invalid(rejection))
+                })
+                .collect();
+            BatchResult {
+                jobs,
                 device_error: None,
             }
         }

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::batcher::{Batcher, Decision, Pending};
 use super::complete::{Action, Completion, JobMeta, Outcome};
-use super::intake::{Contract, Intake, intake};
+use super::intake::{Contract, Intake, fetch_adapters, intake};
 use super::render::{BatchResult, RenderCtx, render_batch};
 use super::{InHand, Shared};
 use crate::events::EventKind;
@@ -164,7 +164,7 @@ impl Work {
     fn intake(&self, sh: &Shared, d: Delivery, route: Route, ready: &mpsc::Sender<InHand>) {
         let (ctx, broken, ready) = (self.ctx.clone(), self.broken.clone(), ready.clone());
         let (cfg, defaults, cancels) = (sh.cfg.clone(), sh.defaults, sh.cancellations.clone());
-        let store = sh.store.clone();
+        let (store, fetcher) = (sh.store.clone(), sh.fetcher.clone());
         self.tracker.spawn(async move {
             // Held from receipt: a delivery settled at intake is counted for as long as it takes.
             let held = ctx.metrics.hold();
@@ -190,16 +190,20 @@ impl Work {
                         .await
                 }
                 Intake::Settled(job, action) => ctx.completion.act(&job, &meta, action).await,
-                Intake::Render(job) => {
-                    let h = InHand {
-                        job: *job,
-                        meta,
-                        delivery: d,
-                        held,
-                    };
-                    let _ = ready.send(h).await;
-                    return;
-                }
+                Intake::Render(mut job) => match fetch_adapters(&fetcher, &mut job).await {
+                    Ok(adapters) => {
+                        let h = InHand {
+                            job: *job,
+                            meta,
+                            delivery: d,
+                            held,
+                            adapters,
+                        };
+                        let _ = ready.send(h).await;
+                        return;
+                    }
+                    Err(action) => ctx.completion.act(&job, &meta, action).await,
+                },
             };
             settle(outcome, &d, &meta.route, &ctx.publisher, &broken).await;
         });

@@ -111,6 +111,7 @@ fn a_render_is_bit_identical_whatever_the_batch() {
             scheduler,
             long_prompt: Default::default(),
             latents: None,
+            loras: Vec::new(),
         };
         let together = p
             .render(&batch, &mut |_| ControlFlow::Continue(()))

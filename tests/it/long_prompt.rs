@@ -236,6 +236,7 @@ fn renders_take_long_prompts_in_both_modes() {
             scheduler: SchedulerKind::Euler,
             long_prompt: mode,
             latents: None,
+            loras: Vec::new(),
         };
         let render = |b: &RenderBatch| p.render(b, &mut |_| ControlFlow::Continue(())).unwrap();
         // No negative: SDXL's zero row (force_zeros_for_empty_prompt) or SD's "" padded alike.
@@ -279,6 +280,7 @@ fn a_batch_of_mixed_lengths_renders_every_image_as_alone() {
             scheduler: SchedulerKind::EulerAncestral,
             long_prompt: LongPrompt::Chunk,
             latents: None,
+            loras: Vec::new(),
         };
         let render = |b: &RenderBatch| p.render(b, &mut |_| ControlFlow::Continue(())).unwrap();
         // Two groups of two steps: progress counts 1..=4 of 4.

@@ -5,6 +5,8 @@
 //!   (`tests/fixtures/`, built by `scripts/parity/make_fixtures.py` and `make_sd_fixtures.py`).
 //! * `long_prompt`: prompts over 77 tokens, chunked against compel's embeddings and truncated
 //!   against diffusers' (`make_long_prompt_fixtures.py`).
+//! * `lora`: LoRA adapters of every format against diffusers' `fuse_lora` (`make_lora_fixtures.py`),
+//!   the variant cache, batches; `lora_worker`: a LoRA job through the real worker.
 //! * `cli`: `t2i generate` through the real binary.
 //! * `worker`: `t2i worker` against the real RabbitMQ and Garage (`broker` is its harness);
 //!   `faults`: through a kill, a broker restart and a storage outage; `lifecycle`: deadlines,
@@ -29,6 +31,8 @@ mod guard;
 mod jobs;
 mod lifecycle;
 mod long_prompt;
+mod lora;
+mod lora_worker;
 mod parity;
 mod parity_sd;
 mod receivers;

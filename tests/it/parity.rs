@@ -335,6 +335,7 @@ pub(crate) fn run_case(
         // The default mode: on prompts of at most 75 tokens it is diffusers' encoding exactly.
         long_prompt: Default::default(),
         latents: Some(r.get(&format!("{case_name}.latents")).clone()),
+        loras: Vec::new(),
     };
     let noise_key = format!("{case_name}.noise");
     let mut noise = RecordedNoise {
@@ -491,6 +492,7 @@ fn a_batch_renders_each_image_as_it_would_alone() {
         scheduler: SchedulerKind::EulerAncestral,
         long_prompt: Default::default(),
         latents: None,
+        loras: Vec::new(),
     };
     let alone = p.render(&base, &mut |_| ControlFlow::Continue(())).unwrap();
     let mut batched = base.clone();
@@ -532,6 +534,7 @@ fn a_stop_request_ends_the_run_between_steps() {
         scheduler: SchedulerKind::Euler,
         long_prompt: Default::default(),
         latents: None,
+        loras: Vec::new(),
     };
     let mut seen = 0;
     let err = p

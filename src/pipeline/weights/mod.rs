@@ -12,6 +12,7 @@
 //! `{stem}.safetensors.index.json` (`.index.fp16.json` for the variant), where stem is `model`
 //! (transformers) or `diffusion_pytorch_model` (diffusers). This module does not build any network.
 
+mod hub_file;
 mod reader;
 
 use std::collections::BTreeSet;
@@ -19,8 +20,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 
+pub(crate) use hub_file::{cached_hub_file, hub_download};
 pub use reader::ComponentLoad;
-pub(crate) use reader::{LoadStats, var_builder};
+pub(crate) use reader::{LoadStats, Recorded, recording_var_builder, var_builder};
 
 /// The weighted components of an SD or SDXL pipeline, with their weight-file stems; a model uses the
 /// ones its `model_index.json` names ([`components_of`]; SD 1.x/2.x have no `text_encoder_2`).
@@ -303,7 +305,7 @@ fn env_truthy(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn hub_offline() -> bool {
+pub(crate) fn hub_offline() -> bool {
     env_truthy("HF_HUB_OFFLINE")
 }
 

@@ -1,6 +1,8 @@
 //! A component's safetensors files as a candle `VarBuilder`, read with positioned reads (one tensor
 //! at a time) and converted to the compute dtype. Which files those are is decided in the parent
-//! module; headers are parsed and checked by the `safetensors` crate.
+//! module; headers are parsed and checked by the `safetensors` crate. A builder may also record
+//! every tensor it hands out ([`Recorded`]): the LoRA variants of a component are built from those
+//! (`pipeline/lora`), never from the files again.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -33,6 +35,11 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 /// Shared between a component's backend and its loader, which reads it when the component is built.
 pub(crate) type LoadStats = Arc<Mutex<ComponentLoad>>;
 
+/// Every tensor a recording builder handed out, by name, as the component holds it (converted to
+/// its dtype, on its device). The tensors share their storage with the component's own (candle
+/// tensors are reference-counted), so recording costs no weight memory.
+pub(crate) type Recorded = Arc<Mutex<std::collections::HashMap<String, candle_core::Tensor>>>;
+
 /// A component's safetensors files as a candle `VarBuilder` converting to `dtype` (see
 /// [`SafetensorsFiles`]).
 pub(crate) fn var_builder(
@@ -51,6 +58,25 @@ pub(crate) fn var_builder(
     Ok((vb, stats))
 }
 
+/// [`var_builder`] that also records every tensor it hands out into `record`.
+pub(crate) fn recording_var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    component: &'static str,
+    record: Recorded,
+) -> candle_core::Result<(VarBuilder<'static>, LoadStats)> {
+    let mut backend = SafetensorsFiles::open(files)?;
+    let stats = LoadStats::new(Mutex::new(ComponentLoad {
+        component,
+        ..ComponentLoad::default()
+    }));
+    backend.stats = stats.clone();
+    backend.record = Some(record);
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    Ok((vb, stats))
+}
+
 /// Safetensors files read one tensor at a time with positioned reads, instead of candle's
 /// memory-mapped loader: every tensor is copied out of the file anyway (candle's CPU tensors own
 /// their memory), and with a mapping the pages of the file being loaded count in the process's
@@ -62,6 +88,7 @@ struct SafetensorsFiles {
     /// Name → (file index, dtype, shape, absolute byte range in that file).
     tensors: std::collections::HashMap<String, StoredTensor>,
     stats: LoadStats,
+    record: Option<Recorded>,
 }
 
 struct StoredTensor {
@@ -140,6 +167,7 @@ impl SafetensorsFiles {
             files,
             tensors,
             stats: LoadStats::default(),
+            record: None,
         })
     }
 
@@ -179,6 +207,12 @@ impl SafetensorsFiles {
             }
         };
         let tensor = raw.to_dtype(dtype)?;
+        if let Some(record) = &self.record {
+            record
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_string(), tensor.clone());
+        }
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         stats.tensors += 1;
         stats.bytes += stored.len as u64;
