@@ -91,7 +91,7 @@ pub(crate) fn status_error(status: reqwest::StatusCode, what: &str) -> FetchErro
 /// address, a redirect the guard refused) for good, else transient (a server down, a timeout).
 pub(crate) fn send_error(e: &reqwest::Error, what: &str) -> FetchError {
     let chain = error_chain(e);
-    if crate::webhooks::guard::is_refusal(e) || (e.is_redirect() && chain.contains("refused")) {
+    if crate::webhooks::guard::is_refusal(e) {
         FetchError::Refused(format!("{what}: {chain}"))
     } else {
         FetchError::Unavailable(format!("{what}: {chain}"))

@@ -272,8 +272,9 @@ fn is_localhost_name(host: &str) -> bool {
     host == "localhost" || host.ends_with(".localhost")
 }
 
-/// The resolver's refusal of every address a name resolves to: an error of its own type, so that a
-/// caller can tell it from a connection that failed ([`is_refusal`]).
+/// The guard's refusal inside a request: every address a name resolves to (the resolver), or a
+/// redirect target (the redirect policy). An error of its own type, so that a caller can tell it
+/// from a connection that failed ([`is_refusal`]).
 #[derive(Debug)]
 pub struct Refusal(String);
 
@@ -424,7 +425,7 @@ impl WebhookClient {
                     }
                     match redirect_guard.check_redirect(attempt.url(), trusted) {
                         Ok(()) => attempt.follow(),
-                        Err(why) => attempt.error(why),
+                        Err(why) => attempt.error(Refusal(why)),
                     }
                 }));
             if let Some(proxy) = &egress_proxy {

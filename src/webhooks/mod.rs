@@ -102,8 +102,10 @@ enum Attempt {
         reason: String,
         after: Option<Duration>,
     },
-    /// Never going to work (other 4xx, refused by the SSRF guard).
+    /// Never going to work (a 4xx other than those worth retrying).
     Permanent(String),
+    /// The SSRF guard refused the URL, an address it resolves to or a redirect: never sent.
+    Refused(String),
 }
 
 struct Relay {
@@ -126,7 +128,7 @@ impl Relay {
             Err(e) => return Attempt::Permanent(format!("bad URL {target}: {e}")),
         };
         if let Err(why) = self.guard.check_url(&url) {
-            return Attempt::Permanent(why);
+            return Attempt::Refused(why);
         }
         let ts = time::OffsetDateTime::now_utc().unix_timestamp();
         let sent = self
@@ -146,16 +148,7 @@ impl Relay {
             .await;
         let resp = match sent {
             Ok(r) => r,
-            Err(e) => {
-                let chain = error_chain(&e);
-                if chain.contains("refused ") {
-                    return Attempt::Permanent(chain);
-                }
-                return Attempt::Retry {
-                    reason: chain,
-                    after: None,
-                };
-            }
+            Err(e) => return send_failure(&e),
         };
         let status = resp.status();
         if status.is_success() {
@@ -297,9 +290,11 @@ impl Relay {
                     .await
             }
             Attempt::Permanent(reason) => {
-                if reason.contains("refused ") {
-                    self.counters.inc("refused");
-                }
+                self.dead_letter(publisher, d, target, attempt, &reason)
+                    .await
+            }
+            Attempt::Refused(reason) => {
+                self.counters.inc("refused");
                 self.dead_letter(publisher, d, target, attempt, &reason)
                     .await
             }
@@ -565,9 +560,59 @@ async fn session(
     result
 }
 
+/// What a POST that got no answer comes to: refused by the guard (an address a name resolves to, a
+/// redirect) for good, anything else (connection refused by a receiver that is down, a timeout, a
+/// reset) worth another attempt. The guard's refusals are told by their type
+/// ([`guard::is_refusal`]), never by their text: "Connection refused" is a receiver that is down.
+fn send_failure(e: &reqwest::Error) -> Attempt {
+    let chain = error_chain(e);
+    if guard::is_refusal(e) {
+        Attempt::Refused(chain)
+    } else {
+        Attempt::Retry {
+            reason: chain,
+            after: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: a receiver that was down ("Connection refused") was dead-lettered at its first
+    /// attempt, because refusals were told by the word "refused " in the error text.
+    #[tokio::test]
+    async fn a_receiver_that_is_down_is_retried_and_a_refused_address_is_not() {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let allowed = format!("localhost:{closed}");
+        let g = std::sync::Arc::new(Guard::new(true, false, &[allowed]).unwrap());
+        let client = WebhookClient::new(g, Duration::from_secs(5), None).unwrap();
+        let post = |u: String| client.post(reqwest::Url::parse(&u).unwrap()).send();
+
+        let down = post(format!("http://localhost:{closed}/hook"))
+            .await
+            .unwrap_err();
+        assert!(error_chain(&down).contains("refused"), "{down:?}");
+        assert!(
+            matches!(send_failure(&down), Attempt::Retry { .. }),
+            "{:?}",
+            send_failure(&down)
+        );
+
+        // Another port of the same name resolves on the strict client, which refuses loopback.
+        let refused = post("http://localhost:9/hook".to_string())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(send_failure(&refused), Attempt::Refused(_)),
+            "{:?}",
+            send_failure(&refused)
+        );
+    }
 
     #[test]
     fn retry_after_in_seconds_and_dates() {
