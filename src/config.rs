@@ -283,6 +283,7 @@ pub fn lora_settings(
         s3,
         allow_http: args.lora_allow_http,
         allow_private_networks: args.lora_allow_private_networks,
+        hub_token: args.lora_hub_token,
         allow_hosts: args.lora_allow_host.clone(),
         timeout: Duration::from_secs(args.lora_fetch_timeout_s.max(1)),
     })

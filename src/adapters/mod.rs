@@ -7,7 +7,7 @@
 //! | `path/file.safetensors` | only under `--lora-dir`: the resolved path (symlinks followed) must stay inside it; without a folder, refused |
 //! | `s3://bucket/key` | only under a `--lora-s3-allow` prefix; the worker's S3 client and credentials |
 //! | `https://…` | the webhooks' SSRF guard (`webhooks::guard`: public addresses only, every redirect checked; `--lora-allow-http`, `--lora-allow-host`, `--lora-allow-private-networks` loosen it as the relay's flags do) |
-//! | `hf://owner/repo[@rev][/file]` | the Hugging Face cache first (`HF_HOME`, as models), `HF_HUB_OFFLINE` honoured; else downloaded from `HF_ENDPOINT` |
+//! | `hf://owner/repo[@rev][/file]` | the Hugging Face cache first (`HF_HOME`, as models), `HF_HUB_OFFLINE` honoured; else downloaded from `HF_ENDPOINT`, anonymously unless `--lora-hub-token` (the operator's token would open its private repos to every job) |
 //!
 //! Every file is checked ([`inspect`]: a whole safetensors file, at most `--lora-max-mb`) and hashed.
 //! Downloads land in a disk cache bounded in bytes, least recently used evicted first, never a file
@@ -48,6 +48,9 @@ pub struct LoraSettings {
     pub allow_http: bool,
     pub allow_private_networks: bool,
     pub allow_hosts: Vec<String>,
+    /// Send the operator's Hugging Face token with hub downloads (`--lora-hub-token`): jobs may
+    /// then name any private repo it can read. Off, hub adapters are downloaded anonymously.
+    pub hub_token: bool,
     /// Longest download, start to end.
     pub timeout: Duration,
 }
@@ -330,6 +333,7 @@ impl Fetcher {
             )));
         }
         let (url, token) = crate::pipeline::weights::hub_download(repo, revision, file);
+        let token = token.filter(|_| self.settings.hub_token);
         let max = self.settings.max_file_bytes;
         self.download(&format!("hf:{repo}@{revision}/{file}"), &what, || async {
             let mut request = self.hub.get(&url);

@@ -31,6 +31,7 @@ fn settings(dir: Option<&Path>, cache: &Path) -> LoraSettings {
         s3: Default::default(),
         allow_http: false,
         allow_private_networks: false,
+        hub_token: false,
         allow_hosts: vec![],
         timeout: Duration::from_secs(10),
     }

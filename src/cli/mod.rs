@@ -230,6 +230,12 @@ pub struct LoraArgs {
     #[arg(long, env = "T2I_LORA_ALLOW_PRIVATE_NETWORKS")]
     pub lora_allow_private_networks: bool,
 
+    /// Send the Hugging Face token (`HF_TOKEN`, else the cached login) with hub LoRA downloads, so
+    /// that jobs may use the private repos it can read. Off, hub LoRAs download anonymously: the
+    /// token that fetches the model is not lent to every job.
+    #[arg(long, env = "T2I_LORA_HUB_TOKEN")]
+    pub lora_hub_token: bool,
+
     /// Longest LoRA download, in seconds.
     #[arg(long, env = "T2I_LORA_FETCH_TIMEOUT_S", default_value_t = 600)]
     pub lora_fetch_timeout_s: u64,

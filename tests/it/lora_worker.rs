@@ -247,6 +247,7 @@ async fn s3_loras_are_read_only_under_an_allowed_prefix() {
         s3: Default::default(),
         allow_http: false,
         allow_private_networks: false,
+        hub_token: false,
         allow_hosts: vec![],
         timeout: Duration::from_secs(30),
     })
