@@ -319,6 +319,8 @@ fn repo_ids_resolve_through_the_hub_cache_offline_with_revision_pinning() {
 pub(crate) struct MockHub {
     pub addr: String,
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Each request's `Authorization` header, in the order of `requests`.
+    pub authorizations: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
 }
 
 impl MockHub {
@@ -327,7 +329,8 @@ impl MockHub {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = requests.clone();
+        let authorizations = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (log, auth_log) = (requests.clone(), authorizations.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
@@ -336,7 +339,7 @@ impl MockHub {
                 if reader.read_line(&mut request_line).is_err() {
                     continue;
                 }
-                let mut range = None;
+                let (mut range, mut auth) = (None, None);
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
@@ -345,6 +348,9 @@ impl MockHub {
                     if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
                         range = Some(v.trim().to_string());
                     }
+                    if line.to_ascii_lowercase().starts_with("authorization:") {
+                        auth = Some(line["authorization:".len()..].trim().to_string());
+                    }
                 }
                 let path = request_line
                     .split_whitespace()
@@ -352,6 +358,7 @@ impl MockHub {
                     .unwrap_or("/")
                     .to_string();
                 log.lock().unwrap().push(path.clone());
+                auth_log.lock().unwrap().push(auth);
                 let (status, headers, body) = respond(&root, commit, &path, range.as_deref());
                 let mut head = format!(
                     "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -365,7 +372,11 @@ impl MockHub {
                 let _ = stream.write_all(&body);
             }
         });
-        Self { addr, requests }
+        Self {
+            addr,
+            requests,
+            authorizations,
+        }
     }
 }
 

@@ -385,3 +385,66 @@ fn generate_renders_with_lora_flags_and_records_them_in_the_png() {
         stderr(&no_dir)
     );
 }
+
+/// `hf://` adapters are downloaded from `HF_ENDPOINT` into the LoRA cache, without the operator's
+/// token unless `--lora-hub-token` lends it (the token that fetches the model would otherwise open
+/// its private repos to every job).
+#[test]
+fn hub_loras_are_downloaded_anonymously_unless_the_token_is_lent() {
+    use crate::cli::{MockHub, path_str, stderr, t2i_env};
+    let hub = MockHub::serve(
+        fixtures().join("loras"),
+        "fedcba9876543210fedcba9876543210fedcba98",
+    );
+    let model = model_dir("ssd-1b-tiny");
+    let file = "/test/tiny/resolve/main/ssd1b-peft.safetensors";
+    for (lend, expected) in [(false, None), (true, Some("Bearer hf_operator_secret"))] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (home, cache, out) = (
+            tmp.path().join("hf"),
+            tmp.path().join("loras"),
+            tmp.path().join("x.png"),
+        );
+        let mut args = vec![
+            "generate",
+            "--model",
+            path_str(&model),
+            "--prompt",
+            "a cat",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--quiet",
+            "--lora",
+            "hf://test/tiny/ssd1b-peft.safetensors:0.5",
+            "--lora-cache-dir",
+            path_str(&cache),
+            "--output",
+            path_str(&out),
+        ];
+        if lend {
+            args.push("--lora-hub-token");
+        }
+        let before = hub.requests.lock().unwrap().len();
+        let o = t2i_env(
+            &args,
+            &[
+                ("HF_HOME", path_str(&home)),
+                ("HF_ENDPOINT", &hub.addr),
+                ("HF_TOKEN", "hf_operator_secret"),
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let requests = hub.requests.lock().unwrap()[before..].to_vec();
+        let auths = hub.authorizations.lock().unwrap()[before..].to_vec();
+        assert_eq!(requests, [file], "lend {lend}");
+        assert_eq!(auths[0].as_deref(), expected, "lend {lend}");
+        assert!(
+            String::from_utf8_lossy(&std::fs::read(&out).unwrap())
+                .contains("<lora:ssd1b-peft:0.5>")
+        );
+    }
+}
