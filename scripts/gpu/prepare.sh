@@ -16,7 +16,9 @@ OUT=$CARGO_TARGET_DIR/dist scripts/build-cuda.sh
 exclude=$(git rev-parse --git-path info/exclude)
 grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
 rm -rf .gpu && mkdir -p .gpu/whl
-xz -T0 -6 -c "$CARGO_TARGET_DIR/dist/t2i" > .gpu/t2i.xz
+# Without its debug sections (line tables: ~200 of ~300 MB) the binary travels as ~16 MB of xz.
+objcopy --strip-debug "$CARGO_TARGET_DIR/dist/t2i" .gpu/t2i.stripped
+xz -T0 -6 -c .gpu/t2i.stripped > .gpu/t2i.xz && rm .gpu/t2i.stripped
 cp "$CARGO_TARGET_DIR/dist/run-t2i.sh" .gpu/
 diffusers=$(grep -E '^diffusers==' scripts/parity/requirements.txt)
 python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl "$diffusers"
