@@ -4,6 +4,7 @@
 #   cargo fmt --all -- --check
 #   cargo clippy --all-targets -- -D warnings
 #   cargo test
+#   scripts/gpu/ptx.sh   (the project's CUDA kernels compile to PTX; no GPU needed)
 #   scripts/deploy/check.sh
 #
 # Setup is idempotent (a second run only checks, in seconds) and prints one line per step:
@@ -14,6 +15,8 @@
 #     reused; started by scripts/garage.sh (data under ~/.cache/t2i-worker/garage);
 #   - the Python packages of scripts/requirements-test.txt in a venv under ~/.cache/t2i-worker,
 #     rebuilt when that file changes; exported as PYTHON;
+#   - NVIDIA's nvcc wheels (scripts/gpu/nvcc-requirements.txt, the pins scripts/build-cuda.sh
+#     uses) in another venv there, rebuilt when that file changes, for scripts/gpu/ptx.sh;
 #   - kubectl (Debian's kubernetes-client) where missing.
 # Installs use apt-get (as root, or through sudo), rustup, cargo and pip.
 #
@@ -40,6 +43,7 @@ esac
 
 CACHE="$HOME/.cache/t2i-worker"
 VENV="$CACHE/venv-test"
+NVCC_VENV="$CACHE/venv-nvcc"
 GARAGE_VERSION=2.5.0 # what `cargo install` builds when no garage is present
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
 case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) export PATH="$HOME/.cargo/bin:$PATH" ;; esac
@@ -137,6 +141,24 @@ setup_python() {
   export PYTHON="$VENV/bin/python"
 }
 
+# nvcc from PyPI (no CUDA toolkit or GPU needed to compile kernels to PTX).
+setup_nvcc() {
+  if [ -x "$NVCC_VENV/bin/python" ] && cmp -s scripts/gpu/nvcc-requirements.txt "$NVCC_VENV/requirements.txt"; then
+    step "nvcc: $NVCC_VENV (up to date)"
+  else
+    step "nvcc: installing scripts/gpu/nvcc-requirements.txt into $NVCC_VENV"
+    python3 -m venv --clear "$NVCC_VENV"
+    "$NVCC_VENV/bin/pip" install -q --disable-pip-version-check -r scripts/gpu/nvcc-requirements.txt
+    cp scripts/gpu/nvcc-requirements.txt "$NVCC_VENV/requirements.txt"
+  fi
+}
+
+# The venv's nvcc, or nothing when setup has not installed it.
+nvcc_path() {
+  [ -x "$NVCC_VENV/bin/python" ] || return 0
+  "$NVCC_VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "bin", "nvcc"))'
+}
+
 setup_kubectl() {
   if command -v kubectl >/dev/null; then
     step "kubectl: $(command -v kubectl)"
@@ -157,6 +179,7 @@ else
   setup_rabbitmq
   setup_garage
   setup_python
+  setup_nvcc
   setup_kubectl
 fi
 
@@ -179,5 +202,8 @@ check() {
 check cargo fmt --all -- --check
 check cargo clippy --all-targets -- -D warnings
 check cargo test
+NVCC=$(nvcc_path)
+[ -x "$NVCC" ] || die "no nvcc in $NVCC_VENV: run scripts/test.sh (or --setup-only) once to install it"
+check scripts/gpu/ptx.sh "$NVCC" "$CACHE/ptx"
 check scripts/deploy/check.sh
 echo "==> all checks passed" >&2

@@ -108,6 +108,17 @@ struct Row {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let model = ModelConfig::from_args(&args.model)?;
+    if args.check_ops {
+        if !model.device.is_cuda() {
+            return Err(
+                UsageError("--check-ops checks CUDA kernels: give --device cuda".into()).into(),
+            );
+        }
+        let passed = crate::pipeline::ops::check::run(&model.device, model.dtype, args.json)
+            .context("op check")?;
+        anyhow::ensure!(passed, "op check: a kernel failed (see the FAIL lines)");
+        return Ok(());
+    }
     if args.profile {
         profile::set_enabled(true);
     }

@@ -10,6 +10,7 @@ use candle_core::{DType, Device};
 use crate::cli::{ModelArgs, UsageError};
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::job::{Limits, ModelSlug};
+use crate::pipeline::ops::switch::{self, Kernels};
 use crate::pipeline::{LoadOptions, ModelSourceError, Pipeline, PipelineError, Variant};
 use crate::queue::{Lane, Topology};
 
@@ -60,6 +61,9 @@ pub struct ModelConfig {
     pub device: Device,
     pub device_name: String,
     pub dtype: DType,
+    /// The ops layer's CUDA kernels switched on (`--cuda-kernels`), set for the process when the
+    /// model loads.
+    pub cuda_kernels: Kernels,
 }
 
 impl ModelConfig {
@@ -83,6 +87,7 @@ impl ModelConfig {
                 args.variant
             ))
         })?;
+        let cuda_kernels = Kernels::parse(&args.cuda_kernels).map_err(|e| usage(&e))?;
         Ok(Self {
             spec: args.model.clone(),
             revision: args.revision.clone(),
@@ -90,6 +95,7 @@ impl ModelConfig {
             device,
             device_name: args.device.clone(),
             dtype,
+            cuda_kernels,
         })
     }
 
@@ -104,6 +110,10 @@ impl ModelConfig {
 
     /// Resolves (downloading if needed) and loads the pipeline.
     pub fn load(&self) -> Result<LoadedModel, LoadError> {
+        switch::set(self.cuda_kernels);
+        if self.cuda_kernels != Kernels::NONE {
+            tracing::info!(kernels = %self.cuda_kernels.names(), "experimental CUDA kernels on");
+        }
         let start = Instant::now();
         let root = crate::pipeline::weights::resolve_model(
             &self.spec,

@@ -3,7 +3,8 @@
 
 For each deterministic sampler: write the reference latents, run `t2i generate --device cuda` (f32,
 then bf16) and compare the PNG with diffusers' CPU f32 image. Prints one line per run; exits non-zero
-if an f32 image differs by more than 1/255 or a bf16 image has a mean error above 2/255.
+if an f32 image differs by more than 1/255 or a bf16 image has a mean error above 2/255. The ops
+layer's CUDA kernels are those `T2I_CUDA_KERNELS` in the environment switches on (none by default).
 Needs torch, safetensors, numpy and Pillow (all on the GPU machines).
 """
 
@@ -26,6 +27,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     ok = True
+    print(f"kernels: {os.environ.get('T2I_CUDA_KERNELS') or 'none'}", flush=True)
     for model in ["ssd-1b-tiny", "sdxl-tiny", "vega-tiny"]:
         ref = load_file(os.path.join(ROOT, "tests/fixtures/reference", f"{model}.safetensors"))
         for sched in ["euler", "ddim", "dpmpp_2m", "dpmpp_2m_karras"]:

@@ -200,11 +200,17 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Also time every op (convolution, linear, group norm, GEGLU, attention) per phase, with the
+    /// Also time every op (convolution, linear, group norm, GEGLU, attention, adds) per phase, with the
     /// device synchronised around each op (slower than an unprofiled run; `T2I_PROFILE=1` does
     /// the same for any subcommand).
     #[arg(long)]
     pub profile: bool,
+
+    /// Instead of benchmarking a model: check each of the project's CUDA kernels against candle's
+    /// path at SSD-1B's shapes on --device/--dtype (errors against f32, time; PASS/FAIL per kernel;
+    /// exit 1 on a failure). Loads no model.
+    #[arg(long)]
+    pub check_ops: bool,
 }
 
 #[derive(Debug, Args)]

@@ -90,6 +90,12 @@ pub struct ModelArgs {
     /// runs in f16.
     #[arg(long, env = "T2I_DTYPE", default_value = "auto")]
     pub dtype: String,
+
+    /// The project's own CUDA kernels to use instead of candle's, comma-separated: groupnorm, geglu,
+    /// bias, residual, conv (needs the `cudnn` feature), attn (needs `flash-attn`); `all` for every
+    /// one this binary has. Experimental and off by default (docs/gpu.md); CUDA devices only.
+    #[arg(long, env = "T2I_CUDA_KERNELS", default_value = "none")]
+    pub cuda_kernels: String,
 }
 
 /// A mistake in what the user asked for (bad flag values, missing model files): exit code 2.

@@ -39,6 +39,12 @@ impl Conv {
         let c = &self.inner;
         ops::conv2d(x, c.weight(), c.bias(), *c.config())
     }
+
+    /// `forward(x) + residual`.
+    pub(crate) fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let c = &self.inner;
+        ops::conv2d_add(x, c.weight(), c.bias(), *c.config(), Some(residual))
+    }
 }
 
 /// A linear layer (PyTorch `Linear` weights, `(out, in)`); the arithmetic is [`ops::linear`]'s.
@@ -118,17 +124,16 @@ impl ResnetBlock2D {
     pub(crate) fn forward(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let h = match (&self.time_emb_proj, temb_act) {
-            (Some(proj), Some(t)) => {
-                h.broadcast_add(&proj.forward(t)?.unsqueeze(2)?.unsqueeze(3)?)?
-            }
+            (Some(proj), Some(t)) => ops::add_channel_bias(&h, &proj.forward(t)?)?,
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = self
+            .conv2
+            .forward_add(&self.norm2.forward_silu(&h)?, &shortcut)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -349,12 +354,12 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &TextContext) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?)? + x)?;
-        let x = (self
+        let x = ops::residual_add(&self.attn1.forward(&self.norm1.forward(x)?)?, x)?;
+        let cross = self
             .attn2
-            .forward_cross(&self.norm2.forward(&x)?, context)?
-            + &x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + x
+            .forward_cross(&self.norm2.forward(&x)?, context)?;
+        let x = ops::residual_add(&cross, &x)?;
+        ops::residual_add(&self.ff.forward(&self.norm3.forward(&x)?)?, &x)
     }
 }
 
@@ -422,8 +427,6 @@ impl Transformer2D {
         for block in &self.blocks {
             t = block.forward(&t, context)?;
         }
-        let t = self.proj_out.forward(&t)?;
-        let t = t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
-        t + x
+        ops::add_tokens_to_image(&self.proj_out.forward(&t)?, x)
     }
 }

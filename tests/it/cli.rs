@@ -547,8 +547,8 @@ fn bench_profile_times_every_op_per_phase() {
     let profile = row["profile"].as_array().expect("a profile");
     assert_eq!(
         profile.len(),
-        3 * 6,
-        "5 ops and `other` in 3 phases: {profile:?}"
+        3 * 7,
+        "6 ops and `other` in 3 phases: {profile:?}"
     );
     let get = |phase: &str, op: &str| {
         profile
@@ -556,7 +556,14 @@ fn bench_profile_times_every_op_per_phase() {
             .find(|r| r["phase"] == phase && r["op"] == op)
             .unwrap_or_else(|| panic!("{phase}/{op} in {profile:?}"))
     };
-    for op in ["conv2d", "linear", "group_norm", "geglu", "attention"] {
+    for op in [
+        "conv2d",
+        "linear",
+        "group_norm",
+        "geglu",
+        "attention",
+        "add",
+    ] {
         let r = get("denoise", op);
         assert!(
             r["ms"].as_f64().unwrap() > 0.0 && r["calls"].as_f64().unwrap() >= 1.0,
@@ -573,6 +580,52 @@ fn bench_profile_times_every_op_per_phase() {
             .sum();
         assert!(percent <= 100.5, "{phase}: {percent}%");
     }
+}
+
+/// `--cuda-kernels` names switches this binary has; anything else is a usage error that says what
+/// is accepted, before any model loads. `--check-ops` needs a CUDA device.
+#[test]
+fn cuda_kernel_switches_and_the_op_check_refuse_what_cannot_run() {
+    let model = model_dir("ssd-1b-tiny");
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "--model", path_str(&model), "--steps", "1"];
+        args.extend_from_slice(extra);
+        t2i(&args)
+    };
+    let out = bench(&["--cuda-kernels", "groupnorm,flash"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown kernel `flash`"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("groupnorm, geglu, bias, residual, conv, attn"));
+
+    let out = bench(&["--check-ops"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--device cuda"), "{}", stderr(&out));
+
+    if !cfg!(feature = "cuda") {
+        let out = bench(&["--cuda-kernels", "geglu"]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("`cuda` cargo feature"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // Off by name: the same render as without the flag.
+    let out = bench(&[
+        "--cuda-kernels",
+        "none",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--warmup",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 /// The benchmark in smoke mode (tiny model, 64², 2 steps, batch 1 and 2, CFG): every figure is printed

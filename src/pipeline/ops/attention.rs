@@ -1,8 +1,10 @@
 //! Scaled dot-product attention, the one kernel the UNet, the CLIP encoders and the VAE share.
 //!
 //! Inputs are `(batch, tokens, heads × head_dim)` as the projections produce them. On CUDA with the
-//! `flash-attn` feature and a half dtype the fused kernel is used; otherwise the textbook form runs with
-//! the softmax in f32 (diffusers' SDPA accumulates in f32 for half inputs too). Masks are additive.
+//! `attn` switch on (a binary built with the `flash-attn` feature), a half dtype, no mask and a head
+//! dim flash-attn has a kernel for ([`flash_fits`]), the fused kernel is used; otherwise the
+//! textbook form runs with the softmax in f32 (diffusers' SDPA accumulates in f32 for half inputs
+//! too). Masks are additive.
 //! Unmasked f32 attention on CPU (the UNet's and the VAE's) runs as blocked GEMM + softmax tasks
 //! that never build the whole score tensor (`cpu::kernels::attention`).
 //! This file has no weights; projections live with their modules.
@@ -10,6 +12,31 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::cpu::{self, AttentionShape, with_cpu_f32};
+use super::switch::Kernel;
+
+/// The head dims candle-flash-attn 0.11 has kernels for (`kernels/flash_fwd_hdim*_sm80.cu`). The
+/// build scripts/build-cuda.sh makes defines `FLASHATTENTION_DISABLE_UNEVEN_K`, which compiles only
+/// the kernels for a head dim equal to the kernel's, so any other head dim must not reach it.
+const FLASH_HEAD_DIMS: [usize; 9] = [32, 64, 96, 128, 160, 192, 224, 256, 512];
+
+/// Whether the fused kernel takes these inputs: `q`, `k`, `v` `(B, N, H·d)` of one half dtype and
+/// batch and width, `d` one of [`FLASH_HEAD_DIMS`], and no mask (flash-attn has none; CLIP's
+/// causal mask stays on the textbook path).
+pub(super) fn flash_fits(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, masked: bool) -> bool {
+    let (Ok((b, _, inner)), Ok((bk, nk, ik)), Ok(vd)) = (q.dims3(), k.dims3(), v.dims3()) else {
+        return false;
+    };
+    let half = matches!(q.dtype(), DType::F16 | DType::BF16);
+    !masked
+        && half
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && heads > 0
+        && inner.is_multiple_of(heads)
+        && FLASH_HEAD_DIMS.contains(&(inner / heads))
+        && (bk, ik) == (b, inner)
+        && vd == (b, nk, inner)
+}
 
 /// Most elements of one `(B, H, Nq, Nk)` score tensor. cuBLAS's batched GEMM fails
 /// (`CUBLAS_STATUS_EXECUTION_FAILED`, measured on an H100 at 1024², batch 8 with CFG: 16 × 10 heads ×
@@ -29,7 +56,35 @@ pub(crate) fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if super::takes(Kernel::Attn, q) && flash_fits(q, k, v, heads, mask.is_some()) {
+        // No score tensor: no batch slicing either.
+        return flash(q, k, v, heads);
+    }
     sliced_attention(q, k, v, heads, mask, MAX_SCORE_ELEMENTS)
+}
+
+/// candle-flash-attn, which takes `(B, N, H, d)` directly: no transposes.
+#[cfg(feature = "flash-attn")]
+pub(super) fn flash(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, nq, inner) = q.dims3()?;
+    let nk = k.dim(1)?;
+    let d = inner / heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = q.reshape((b, nq, heads, d))?;
+    let k = k.reshape((b, nk, heads, d))?;
+    let v = v.reshape((b, nk, heads, d))?;
+    candle_flash_attn::flash_attn(&q, &k, &v, scale as f32, false)?.reshape((b, nq, inner))
+}
+
+#[cfg(not(feature = "flash-attn"))]
+pub(super) fn flash(_: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<Tensor> {
+    candle_core::bail!("this binary was built without the `flash-attn` cargo feature")
+}
+
+/// [`attention`] without the fused kernel: the path every device but a CPU in f32 takes unless
+/// switched.
+pub(super) fn unfused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    sliced_attention(q, k, v, heads, None, MAX_SCORE_ELEMENTS)
 }
 
 /// [`attention`] over slices of the batch whose score tensors hold at most `max_scores` elements.
@@ -79,16 +134,6 @@ fn attention_once(
     let head_dim = inner / heads;
     let scale = 1.0 / (head_dim as f64).sqrt();
 
-    #[cfg(feature = "flash-attn")]
-    if mask.is_none() && q.device().is_cuda() && matches!(q.dtype(), DType::F16 | DType::BF16) {
-        // candle-flash-attn takes (B, N, H, d) directly: no transposes.
-        let q = q.reshape((b, nq, heads, head_dim))?;
-        let k = k.reshape((b, nk, heads, head_dim))?;
-        let v = v.reshape((b, nk, heads, head_dim))?;
-        let out = candle_flash_attn::flash_attn(&q, &k, &v, scale as f32, false)?;
-        return out.reshape((b, nq, inner));
-    }
-
     // Shapes that do not fit (a width not divisible by the heads, k/v of another width) fall
     // through to candle's ops, which report them as errors.
     if mask.is_none()
@@ -136,6 +181,44 @@ fn attention_once(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn flash_takes_only_its_head_dims_half_dtypes_and_no_mask() {
+        let t =
+            |dims: (usize, usize, usize), dtype| Tensor::zeros(dims, dtype, &Device::Cpu).unwrap();
+        let bf = DType::BF16;
+        // SSD-1B's UNet: 10 and 20 heads of 64; its VAE: one head of 512; cross-attention to 77
+        // tokens of another width than the queries' would not fit (k/v are projected to it).
+        let (q, kv) = (t((2, 4096, 640), bf), t((2, 77, 640), bf));
+        assert!(flash_fits(&q, &kv, &kv, 10, false));
+        assert!(flash_fits(
+            &t((2, 1024, 1280), bf),
+            &t((2, 1024, 1280), bf),
+            &t((2, 1024, 1280), bf),
+            20,
+            false
+        ));
+        let vae = t((1, 16384, 512), DType::F16);
+        assert!(flash_fits(&vae, &vae, &vae, 1, false));
+        assert!(!flash_fits(&q, &kv, &kv, 10, true), "masked");
+        let f32q = t((2, 4096, 640), DType::F32);
+        assert!(!flash_fits(&f32q, &f32q, &f32q, 10, false), "f32");
+        assert!(
+            !flash_fits(&q, &kv, &kv, 8, false),
+            "head dim 80 has no kernel"
+        );
+        // CLIP-L: 12 heads of 64 (masked anyway); the tiny fixtures' head dims 4 and 8: none.
+        let tiny = t((2, 64, 16), bf);
+        assert!(!flash_fits(&tiny, &tiny, &tiny, 2, false));
+        assert!(
+            !flash_fits(&q, &t((1, 77, 640), bf), &kv, 10, false),
+            "k batch differs"
+        );
+        assert!(
+            !flash_fits(&q, &kv, &t((2, 76, 640), bf), 10, false),
+            "v tokens differ"
+        );
+    }
 
     #[test]
     fn slicing_the_batch_changes_nothing() {

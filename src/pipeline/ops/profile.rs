@@ -22,15 +22,19 @@ pub enum Op {
     GroupNorm,
     Geglu,
     Attention,
+    /// A per-channel bias or residual added between ops (a residual fused into a convolution
+    /// counts as the convolution).
+    Add,
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [
+    pub const ALL: [Op; 6] = [
         Self::Conv2d,
         Self::Linear,
         Self::GroupNorm,
         Self::Geglu,
         Self::Attention,
+        Self::Add,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,6 +44,7 @@ impl Op {
             Self::GroupNorm => "group_norm",
             Self::Geglu => "geglu",
             Self::Attention => "attention",
+            Self::Add => "add",
         }
     }
 }
@@ -73,7 +78,7 @@ pub struct OpTotal {
 
 /// Totals by phase, then op, in the order of [`Phase::ALL`] and [`Op::ALL`].
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Profile(pub [[OpTotal; 5]; 3]);
+pub struct Profile(pub [[OpTotal; 6]; 3]);
 
 impl Profile {
     pub fn get(&self, phase: Phase, op: Op) -> OpTotal {
@@ -89,11 +94,11 @@ impl Profile {
 static ENABLED: AtomicBool = AtomicBool::new(false);
 /// The phase ops are counted in now (a render runs on one thread; ops do not nest phases).
 static CURRENT: AtomicUsize = AtomicUsize::new(Phase::TextEncode as usize);
-static TOTALS: Mutex<[[OpTotal; 5]; 3]> = Mutex::new(
+static TOTALS: Mutex<[[OpTotal; 6]; 3]> = Mutex::new(
     [[OpTotal {
         time: Duration::ZERO,
         calls: 0,
-    }; 5]; 3],
+    }; 6]; 3],
 );
 
 /// Turns profiling on or off for the process; `T2I_PROFILE=1` turns it on at the first render.
