@@ -219,6 +219,11 @@ pub struct GenerationArgs {
     /// concatenated) or truncate (cut at 77 tokens, as diffusers does) [default: chunk].
     #[arg(long)]
     pub long_prompt: Option<String>,
+
+    /// Prompt weighting syntax: a1111 (`(word:1.2)`, `(word)`, `[word]`, `BREAK`) or none (the
+    /// text as is) [default: a1111; none with --long-prompt truncate].
+    #[arg(long)]
+    pub prompt_weighting: Option<String>,
 }
 
 impl GenerationArgs {
@@ -235,6 +240,7 @@ impl GenerationArgs {
             seed: None,
             num_images: None,
             long_prompt: self.long_prompt.clone(),
+            prompt_weighting: self.prompt_weighting.clone(),
         }
     }
 }

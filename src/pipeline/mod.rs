@@ -14,6 +14,7 @@ pub mod clip;
 pub mod config;
 pub mod cost;
 pub mod denoise;
+mod emphasis;
 mod norm;
 pub mod ops;
 pub mod prompt;
@@ -66,6 +67,8 @@ pub enum PipelineError {
     Tokenize(tokenizers::Error),
     #[error("encoding prompts: {0}")]
     EncodePrompt(candle_core::Error),
+    #[error("prompt weighting: {0}")]
+    Weighting(crate::job::weighting::WeightError),
     #[error("sampler {0}")]
     Sampler(String),
     #[error("latents: {0}")]
@@ -322,6 +325,17 @@ impl Pipeline {
         mode: crate::job::LongPrompt,
     ) -> Result<PromptEmbeddings, PipelineError> {
         self.text.encode_prompts_as(texts, mode)
+    }
+
+    /// Embeddings for a list of texts in `mode` with `weighting` (`a1111`: the A1111 syntax read,
+    /// weights applied per chunk as A1111 does), every text padded to the same number of chunks.
+    pub fn encode_prompts_with(
+        &self,
+        texts: &[&str],
+        mode: crate::job::LongPrompt,
+        weighting: crate::job::PromptWeighting,
+    ) -> Result<PromptEmbeddings, PipelineError> {
+        self.text.encode_prompts_with(texts, mode, weighting)
     }
 
     /// Initial noise from each image's seed, or the caller's latents after a shape check.

@@ -14,6 +14,8 @@
 //! * `receivers`: webhook receivers with their own secrets, rotation, 410 → disabled, replay.
 //! * `routing`: two pools of different models on one broker; jobs for a model no pool serves.
 //! * `deploy`: the RabbitMQ definitions in `infra/` against the topology the worker declares.
+//! * `weighting`: the A1111 weighting syntax against A1111's method as held to diffusers' community
+//!   long-prompt-weighting pipeline (`make_weighting_fixtures.py`).
 
 mod api;
 mod batching;
@@ -31,4 +33,5 @@ mod receivers;
 mod routing;
 mod support;
 mod webhooks;
+mod weighting;
 mod worker;

@@ -334,6 +334,7 @@ pub(crate) fn run_case(
         scheduler: SchedulerKind::parse(case["scheduler"].as_str().unwrap()).unwrap(),
         // The default mode: on prompts of at most 75 tokens it is diffusers' encoding exactly.
         long_prompt: Default::default(),
+        prompt_weighting: Default::default(),
         latents: Some(r.get(&format!("{case_name}.latents")).clone()),
     };
     let noise_key = format!("{case_name}.noise");
@@ -490,6 +491,7 @@ fn a_batch_renders_each_image_as_it_would_alone() {
         guidance_scale: 5.0,
         scheduler: SchedulerKind::EulerAncestral,
         long_prompt: Default::default(),
+        prompt_weighting: Default::default(),
         latents: None,
     };
     let alone = p.render(&base, &mut |_| ControlFlow::Continue(())).unwrap();
@@ -531,6 +533,7 @@ fn a_stop_request_ends_the_run_between_steps() {
         guidance_scale: 5.0,
         scheduler: SchedulerKind::Euler,
         long_prompt: Default::default(),
+        prompt_weighting: Default::default(),
         latents: None,
     };
     let mut seen = 0;
