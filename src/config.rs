@@ -21,7 +21,11 @@ pub struct WorkerConfig {
     pub topology: Topology,
     pub storage: String,
     pub s3: crate::storage::S3Options,
-    pub model: ModelConfig,
+    /// The served models (`--models`, or `--model` alone); the first renders the jobs that name
+    /// none (the default pool's).
+    pub models: Vec<ModelConfig>,
+    /// Most bytes the served models' loaded weights may hold together (`--memory-budget`).
+    pub memory_budget: Option<u64>,
     pub limits: Limits,
     /// Most images per device batch.
     pub max_batch: u32,
@@ -29,8 +33,9 @@ pub struct WorkerConfig {
     pub batch_window: Duration,
     /// Job queues consumed, interactive first when both.
     pub lanes: Vec<Lane>,
-    /// The pool of the served model: its queues are declared and consumed on every lane.
-    pub pool: ModelSlug,
+    /// The served models' pools, in `models` order: their queues are declared and consumed on
+    /// every lane.
+    pub pools: Vec<ModelSlug>,
     /// Whether the default pool's queues (jobs naming no model) are consumed too.
     pub default_pool: bool,
     /// Unacked deliveries per lane.
@@ -229,18 +234,24 @@ pub fn worker_config(args: &crate::cli::WorkerArgs) -> Result<WorkerConfig, Usag
         .prefetch
         .unwrap_or_else(|| (args.max_batch.saturating_mul(2)).min(u16::MAX as u32) as u16)
         .max(1);
+    let (models, pools) = served_models(args)?;
+    let memory_budget = args
+        .memory_budget
+        .as_deref()
+        .map(|b| parse_bytes(b).map_err(|e| UsageError(format!("--memory-budget: {e}"))))
+        .transpose()?;
     Ok(WorkerConfig {
         amqp_url: args.broker.amqp_url.clone(),
         topology: topology(&args.broker)?,
         storage: args.storage.storage.clone(),
         s3: args.storage.s3_options(),
-        model: ModelConfig::from_args(&args.model)?,
+        models,
+        memory_budget,
         limits,
         max_batch: args.max_batch,
         batch_window: Duration::from_millis(args.batch_window_ms),
         lanes,
-        pool: ModelSlug::of(&args.model.model)
-            .map_err(|r| UsageError(format!("--model: {}", r.reason)))?,
+        pools,
         default_pool: args.default_pool,
         prefetch,
         worker_id,
@@ -297,6 +308,76 @@ pub fn lora_settings(
         allow_hosts: args.lora_allow_host.clone(),
         timeout: Duration::from_secs(args.lora_fetch_timeout_s.max(1)),
     })
+}
+
+/// `--models` (or `--model` alone) → the served models and their pools: one model per pool, and a
+/// revision pin only for a single model.
+fn served_models(
+    args: &crate::cli::WorkerArgs,
+) -> Result<(Vec<ModelConfig>, Vec<ModelSlug>), UsageError> {
+    let (flag, specs) = match args.models.as_slice() {
+        [] => ("--model", vec![args.model.model.clone()]),
+        many => (
+            "--models",
+            many.iter().map(|m| m.trim().to_string()).collect(),
+        ),
+    };
+    if specs.len() > 1 && args.model.revision.is_some() {
+        return Err(UsageError(
+            "--revision pins one model; it cannot apply to several --models".into(),
+        ));
+    }
+    let mut models = Vec::with_capacity(specs.len());
+    let mut pools: Vec<ModelSlug> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let slug = ModelSlug::of(&spec).map_err(|r| UsageError(format!("{flag}: {}", r.reason)))?;
+        if pools.contains(&slug) {
+            return Err(UsageError(format!(
+                "{flag}: two models share the pool `{slug}` (a model's pool is its last path segment)"
+            )));
+        }
+        let model_args = crate::cli::ModelArgs {
+            model: spec,
+            ..args.model.clone()
+        };
+        models.push(ModelConfig::from_args(&model_args)?);
+        pools.push(slug);
+    }
+    Ok((models, pools))
+}
+
+/// A byte count with an optional unit: `B`, `KB`/`MB`/`GB`/`TB` (powers of 1000), `KiB`/`MiB`/
+/// `GiB`/`TiB` (powers of 1024), any case; the number may have a fraction (`9.5GB`).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = (&s[..split], s[split..].trim());
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of bytes (e.g. 12GiB)"))?;
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    let bytes = value * scale;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(bytes as u64)
 }
 
 /// `--event-source` checked, or the deployment's default for the AMQP prefix: every process that
@@ -362,11 +443,47 @@ mod tests {
     #[test]
     fn a_worker_serves_its_models_pool_and_by_default_the_default_pool() {
         let w = worker(&["--model", "segmind/Segmind-Vega"]).unwrap();
-        assert_eq!(w.pool.as_str(), "segmind-vega");
+        assert_eq!(w.pools[0].as_str(), "segmind-vega");
         assert!(w.default_pool);
         let w = worker(&["--model", "/models/vega/", "--default-pool", "false"]).unwrap();
-        assert_eq!(w.pool.as_str(), "vega");
+        assert_eq!(w.pools[0].as_str(), "vega");
         assert!(!w.default_pool);
         assert!(worker(&["--model", "/"]).unwrap_err().0.contains("--model"));
+    }
+
+    #[test]
+    fn several_models_each_get_a_pool_and_the_first_takes_the_default_pool() {
+        let w = worker(&[
+            "--models",
+            "segmind/SSD-1B, /models/sd15",
+            "--memory-budget",
+            "12GiB",
+        ])
+        .unwrap();
+        let pools: Vec<&str> = w.pools.iter().map(|p| p.as_str()).collect();
+        assert_eq!(pools, ["ssd-1b", "sd15"]);
+        assert_eq!(w.models[1].spec, "/models/sd15");
+        assert_eq!(w.memory_budget, Some(12 << 30));
+        let e = worker(&["--models", "a/SSD-1B,b/ssd-1b"]).unwrap_err();
+        assert!(e.0.contains("share the pool"), "{e}");
+        let e = worker(&["--models", "a,b", "--revision", "main"]).unwrap_err();
+        assert!(e.0.contains("--revision"), "{e}");
+        assert!(
+            worker(&["--memory-budget", "lots"])
+                .unwrap_err()
+                .0
+                .contains("--memory-budget")
+        );
+    }
+
+    #[test]
+    fn byte_counts_take_decimal_and_binary_units() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("9.5GB"), Ok(9_500_000_000));
+        assert_eq!(parse_bytes("800 MiB"), Ok(800 << 20));
+        assert_eq!(parse_bytes("2tib"), Ok(2 << 40));
+        for bad in ["", "GB", "1.2.3GB", "5 parsecs", "0", "-1GB", "1e3"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -144,13 +144,13 @@ impl EventKind {
 
 /// Error codes of the contract. `model_not_served`: no worker pool serves the job's `model` (its
 /// producer found no queue bound for the model's routing key, or a worker of another model got it).
-/// `model_unavailable` is reserved.
+/// `model_unavailable`: a worker serving the model could not load it, or its weights alone exceed
+/// the worker's memory budget (`--memory-budget`).
 // Plain comments on the variants: doc comments would turn the schema's `enum` into a `oneOf`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     InvalidInput,
-    // Reserved: a served model that could not be loaded; not emitted yet.
     ModelUnavailable,
     ModelNotServed,
     Oom,

@@ -3,8 +3,9 @@
 //!
 //! This is the one place the job contract's bounds are enforced (docs/architecture.md §2 "Job
 //! message"): sizes are multiples of 8 within the configured side and pixel bounds, steps 1..=150,
-//! guidance finite in 0..=30, 1..=8 images, known scheduler names, prompts at most 4000 characters,
-//! at most 8 LoRA adapters with well-formed URIs and scales ([`lora`]). A violation is a [`Rejection`] that
+//! guidance finite in 0..=30, 1..=8 images, known scheduler names, prompts at most 4000 characters
+//! whose weighting syntax parses (`weighting.rs`), at most 8 LoRA adapters with well-formed URIs and
+//! scales ([`lora`]). A violation is a [`Rejection`] that
 //! names the field, the value and the bound. `t2i generate` builds a request from its flags; the queue
 //! worker builds one from a message. Pure: no I/O, no model.
 
@@ -16,12 +17,14 @@ pub mod lora;
 pub mod message;
 pub mod model;
 mod sampler;
+pub mod weighting;
 pub use format::ImageFormat;
 pub use long_prompt::LongPrompt;
 pub use lora::{Lora, LoraRequest, LoraSource};
 pub use message::{BadBody, Job, JobId, JobRequest, OutputSpec, parse_job_body};
 pub use model::{ModelSlug, model_matches};
 pub use sampler::SchedulerKind;
+pub use weighting::PromptWeighting;
 
 /// Generation parameters as they arrive. Absent fields take the model's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -50,6 +53,9 @@ pub struct GenerationRequest {
     /// LoRA adapters ([`lora::parse_loras`]); absent: none.
     #[serde(default)]
     pub loras: Option<Vec<LoraRequest>>,
+    /// `a1111` or `none` ([`PromptWeighting`]); absent: `a1111`, or `none` with `truncate`.
+    #[serde(default)]
+    pub prompt_weighting: Option<String>,
 }
 
 /// Operator-configured bounds (`t2i` flags); defaults from docs/architecture.md §2 "Job message".
@@ -149,6 +155,8 @@ pub struct Generation {
     /// LoRA adapters merged into the model for this generation, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<Lora>,
+    /// Whether `(word:1.2)`-style weights are read from the prompts.
+    pub prompt_weighting: PromptWeighting,
 }
 
 impl Generation {
@@ -233,6 +241,7 @@ impl Generation {
                 )
             })?,
         };
+        let prompt_weighting = prompt_weighting(&req, long_prompt)?;
         let num_images = req.num_images.unwrap_or(1);
         if num_images == 0 || num_images > limits.max_images {
             return Err(Rejection::new(
@@ -259,6 +268,7 @@ impl Generation {
             num_images,
             long_prompt,
             loras,
+            prompt_weighting,
         })
     }
 
@@ -267,16 +277,75 @@ impl Generation {
         self.seed.wrapping_add(index as u64)
     }
 
-    /// Whether two generations can share a pipeline batch (same size, steps, sampler, guidance and
-    /// long-prompt mode: the mode decides the batch's context length; the same LoRA adapters with
-    /// the same scales, in the same order and, once fetched, the same files: one batch runs on one
-    /// merged model).
+    /// Whether two generations can share a pipeline batch (same size, steps, sampler, guidance,
+    /// long-prompt mode and weighting: the two modes decide how the batch's texts are encoded; the
+    /// same LoRA adapters with the same scales, in the same order and, once fetched, the same files:
+    /// one batch runs on one merged model).
     pub fn is_batchable_with(&self, other: &Generation) -> bool {
         (self.width, self.height, self.steps, self.scheduler)
             == (other.width, other.height, other.steps, other.scheduler)
             && self.guidance_scale == other.guidance_scale
             && self.long_prompt == other.long_prompt
             && self.loras == other.loras
+            && self.prompt_weighting == other.prompt_weighting
+    }
+}
+
+/// The request's weighting mode, and its prompts checked against the syntax when it is `a1111`.
+/// Absent, it is `a1111`, except with `long_prompt: "truncate"`: that mode is diffusers'
+/// `encode_prompt` to the bit, which reads no syntax.
+fn prompt_weighting(
+    req: &GenerationRequest,
+    long_prompt: LongPrompt,
+) -> Result<PromptWeighting, Rejection> {
+    let mode = match req.prompt_weighting.as_deref() {
+        None => default_weighting(long_prompt),
+        Some(s) => PromptWeighting::parse(s).ok_or_else(|| {
+            let names: Vec<&str> = PromptWeighting::ALL.iter().map(|k| k.as_str()).collect();
+            Rejection::new(
+                "prompt_weighting",
+                format!("\"{s}\""),
+                format!("must be one of {}", names.join(", ")),
+            )
+        })?,
+    };
+    if mode == PromptWeighting::A1111 {
+        let texts = [
+            ("prompt", Some(&req.prompt)),
+            ("negative_prompt", req.negative_prompt.as_ref()),
+        ];
+        for (field, text) in texts {
+            let Some(text) = text else { continue };
+            weighting::parse(text).map_err(|e| weight_rejection(field, e))?;
+        }
+    }
+    Ok(mode)
+}
+
+/// The weighting of a request that names none.
+pub(crate) fn default_weighting(long_prompt: LongPrompt) -> PromptWeighting {
+    match long_prompt {
+        LongPrompt::Truncate => PromptWeighting::None,
+        LongPrompt::Chunk => PromptWeighting::A1111,
+    }
+}
+
+fn weight_rejection(field: &str, e: weighting::WeightError) -> Rejection {
+    use weighting::WeightError;
+    match e {
+        WeightError::Number { literal } => Rejection::new(
+            field,
+            format!("weight `{literal}`"),
+            "a `(text:weight)` weight must be a decimal number (or set prompt_weighting: none)",
+        ),
+        WeightError::Range { text, weight } => Rejection::new(
+            field,
+            format!("weight {weight} of \"{text}\""),
+            format!(
+                "every weight must be in 0..={} (nested brackets multiply: `(` ×1.1, `[` ÷1.1)",
+                weighting::MAX_WEIGHT
+            ),
+        ),
     }
 }
 
@@ -415,6 +484,62 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field, "long_prompt");
         assert!(e.reason.contains("chunk, truncate"), "{e}");
+    }
+
+    #[test]
+    fn prompt_weighting_defaults_to_a1111_except_with_truncate() {
+        let chunk = parse(req("x")).unwrap();
+        assert_eq!(chunk.prompt_weighting, PromptWeighting::A1111);
+        let truncate = parse(GenerationRequest {
+            long_prompt: Some("truncate".into()),
+            ..req("(x)")
+        })
+        .unwrap();
+        assert_eq!(truncate.prompt_weighting, PromptWeighting::None);
+        let weighted_cut = parse(GenerationRequest {
+            long_prompt: Some("truncate".into()),
+            prompt_weighting: Some("a1111".into()),
+            ..req("x")
+        })
+        .unwrap();
+        assert_eq!(weighted_cut.prompt_weighting, PromptWeighting::A1111);
+        let literal = parse(GenerationRequest {
+            prompt_weighting: Some("none".into()),
+            ..req("x")
+        })
+        .unwrap();
+        assert!(!chunk.is_batchable_with(&literal));
+        let e = parse(GenerationRequest {
+            prompt_weighting: Some("compel".into()),
+            ..req("x")
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "prompt_weighting");
+        assert!(e.reason.contains("a1111, none"), "{e}");
+    }
+
+    #[test]
+    fn bad_weights_are_rejected_naming_the_prompt_unless_weighting_is_off() {
+        let e = parse(req("a (cat:1.2.3)")).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.value.as_str()),
+            ("prompt", "weight `1.2.3`")
+        );
+        let e = parse(GenerationRequest {
+            negative_prompt: Some("(blurry:11)".into()),
+            ..req("a cat")
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "negative_prompt");
+        assert!(e.value.contains("11") && e.reason.contains("0..=10"), "{e}");
+        // Literal text: nothing to parse, nothing refused.
+        assert!(
+            parse(GenerationRequest {
+                prompt_weighting: Some("none".into()),
+                ..req("a (cat:1.2.3)")
+            })
+            .is_ok()
+        );
     }
 
     #[test]

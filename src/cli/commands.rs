@@ -138,6 +138,18 @@ pub struct WorkerArgs {
     #[arg(long, env = "T2I_DEFAULT_POOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub default_pool: bool,
 
+    /// Serve several models instead of --model (comma-separated repo ids or folders): each one's
+    /// jobs come from its pool's queues, jobs that name no model render with the first. The first is
+    /// loaded at start; the others when their first job comes, the least recently used unloaded
+    /// first to stay within --memory-budget.
+    #[arg(long, env = "T2I_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
+
+    /// Most bytes the served models' weights may hold on the device together (e.g. 12GiB, 9.5GB,
+    /// 800MiB, or bytes); working memory for rendering comes on top [default: no limit].
+    #[arg(long, env = "T2I_MEMORY_BUDGET")]
+    pub memory_budget: Option<String>,
+
     /// Unacknowledged deliveries per queue [default: 2 × max batch, so the next batch is ready while
     /// the previous one uploads].
     #[arg(long, env = "T2I_PREFETCH")]

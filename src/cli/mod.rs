@@ -282,6 +282,11 @@ pub struct GenerationArgs {
     /// concatenated) or truncate (cut at 77 tokens, as diffusers does) [default: chunk].
     #[arg(long)]
     pub long_prompt: Option<String>,
+
+    /// Prompt weighting syntax: a1111 (`(word:1.2)`, `(word)`, `[word]`, `BREAK`) or none (the
+    /// text as is) [default: a1111; none with --long-prompt truncate].
+    #[arg(long)]
+    pub prompt_weighting: Option<String>,
 }
 
 impl GenerationArgs {
@@ -299,6 +304,7 @@ impl GenerationArgs {
             num_images: None,
             long_prompt: self.long_prompt.clone(),
             loras: None,
+            prompt_weighting: self.prompt_weighting.clone(),
         }
     }
 }

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use super::ImageFormat;
 use super::ModelSlug;
-use super::{Generation, GenerationRequest, Limits, ModelDefaults, Rejection};
+use super::{Generation, GenerationRequest, Limits, ModelDefaults, Rejection, default_weighting};
 use crate::events::EventKind;
 
 /// Largest job body a producer writes: an HTTP request body, a JSONL line.
@@ -85,6 +85,13 @@ pub struct JobRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 8))]
     pub loras: Option<Vec<super::LoraRequest>>,
+    /// `a1111` reads the A1111 weighting syntax in both prompts: `(words)` ×1.1, `[words]` ÷1.1,
+    /// `(words:1.3)`, nesting multiplies (every weight within 0..=10), `\(` `\)` `\[` `\]` `\\` are
+    /// the characters, `BREAK` starts a new 75-token chunk. `none` encodes the text literally
+    /// [default: a1111, or none with `long_prompt: truncate`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["a1111", "none"]))]
+    pub prompt_weighting: Option<String>,
     /// The model the job is for: a hub repo id (`segmind/SSD-1B`), its short name (`SSD-1B`) or a
     /// model folder's name. It routes the job to the pool serving that model (`{lane}.{slug}`, the
     /// slug being the last segment, lowercased); with no pool serving it, the job fails at once with
@@ -302,6 +309,7 @@ impl Job {
                 num_images: req.num_images,
                 long_prompt: req.long_prompt,
                 loras: req.loras,
+                prompt_weighting: req.prompt_weighting,
             },
             limits,
             defaults,
@@ -437,6 +445,10 @@ impl Job {
             long_prompt: Some(g.long_prompt.as_str().to_string()),
             loras: (!g.loras.is_empty())
                 .then(|| g.loras.iter().map(super::Lora::to_request).collect()),
+            // Written only where it is not the default, so that a worker from before the field
+            // still takes the job (it refuses unknown fields).
+            prompt_weighting: (g.prompt_weighting != default_weighting(g.long_prompt))
+                .then(|| g.prompt_weighting.as_str().to_string()),
             model: self.model.clone(),
             output: Some(OutputRequest {
                 format: Some(self.output.format),

@@ -20,7 +20,7 @@ use proptest::test_runner::TestRunner;
 use serde_json::Value;
 
 use super::*;
-use crate::job::{LongPrompt, SchedulerKind};
+use crate::job::{LongPrompt, PromptWeighting, SchedulerKind};
 use crate::storage::{INDEX_PREFIX, ObjectKey};
 
 /// Cases per property in a plain `cargo test`: about a second each in a debug build on one core.
@@ -152,6 +152,8 @@ fn id() -> BoxedStrategy<String> {
 fn prompt() -> BoxedStrategy<String> {
     prop_oneof![
         24 => any::<String>().prop_map(string),
+        // The weighting syntax: brackets, weights good and bad, escapes, BREAK.
+        8 => "([a-z ]|\\(|\\)|\\[|\\]|:[0-9.]{1,4}\\)|:|\\\\|BREAK){0,30}".prop_map(string),
         1 => (3995usize..4005).prop_map(|n| string("é".repeat(n))),
     ]
     .boxed()
@@ -197,6 +199,15 @@ fn long_prompt() -> BoxedStrategy<String> {
     prop_oneof![
         24 => prop::sample::select(names).prop_map(string),
         1 => prop::sample::select(vec!["CHUNK", "split", "truncate ", ""]).prop_map(string),
+    ]
+    .boxed()
+}
+
+fn prompt_weighting() -> BoxedStrategy<String> {
+    let names: Vec<&str> = PromptWeighting::ALL.iter().map(|k| k.as_str()).collect();
+    prop_oneof![
+        24 => prop::sample::select(names).prop_map(string),
+        1 => prop::sample::select(vec!["A1111", "compel", "none ", ""]).prop_map(string),
     ]
     .boxed()
 }
@@ -330,6 +341,7 @@ pub(crate) fn near_valid_job() -> BoxedStrategy<String> {
         ),
         ("num_images", small(number_in(1, 8))),
         ("long_prompt", small(long_prompt())),
+        ("prompt_weighting", small(prompt_weighting())),
         ("model", small(model())),
         ("output", small(output())),
         ("webhook", small(webhook())),
@@ -432,7 +444,7 @@ fn top(field: &str) -> String {
 
 /// `body` (the whole message), a contract field, or a member the body actually has.
 fn names_a_member(body: &[u8], field: &str) -> bool {
-    const FIELDS: [&str; 17] = [
+    const FIELDS: [&str; 18] = [
         "job_id",
         "prompt",
         "negative_prompt",
@@ -444,6 +456,7 @@ fn names_a_member(body: &[u8], field: &str) -> bool {
         "seed",
         "num_images",
         "long_prompt",
+        "prompt_weighting",
         "model",
         "output",
         "webhook",

@@ -9,7 +9,7 @@ use image::RgbImage;
 
 use super::SchedulerKind;
 use super::lora::AdapterFile;
-use crate::job::{Generation, LongPrompt};
+use crate::job::{Generation, LongPrompt, PromptWeighting};
 
 /// One image of a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,7 +22,7 @@ pub struct ImageSpec {
 }
 
 /// Images rendered together: one size, step count, sampler, guidance scale, long-prompt mode and
-/// set of LoRA adapters.
+/// weighting, and set of LoRA adapters.
 #[derive(Debug, Clone)]
 pub struct RenderBatch {
     pub images: Vec<ImageSpec>,
@@ -33,6 +33,8 @@ pub struct RenderBatch {
     pub scheduler: SchedulerKind,
     /// How prompts over 77 tokens are encoded (`prompt.rs`).
     pub long_prompt: LongPrompt,
+    /// Whether the prompts' A1111 weighting syntax is read (`prompt.rs`).
+    pub prompt_weighting: PromptWeighting,
     /// Explicit unscaled initial latents `(B, 4, h/8, w/8)`, like diffusers' `latents=`; the seeds still
     /// drive per-step noise.
     pub latents: Option<Tensor>,
@@ -64,6 +66,7 @@ impl RenderBatch {
             guidance_scale: g.guidance_scale,
             scheduler: g.scheduler,
             long_prompt: g.long_prompt,
+            prompt_weighting: g.prompt_weighting,
             latents: None,
             loras: Vec::new(),
         }

@@ -14,6 +14,7 @@ pub mod clip;
 pub mod config;
 pub mod cost;
 pub mod denoise;
+mod emphasis;
 pub mod lora;
 mod norm;
 pub mod ops;
@@ -34,7 +35,7 @@ use candle_nn::VarBuilder;
 use image::RgbImage;
 
 pub use batch::{ImageSpec, PhaseTimings, RenderBatch, Rendered};
-pub use config::{ClipConfig, Family, ModelIndex, UNetConfig, VaeConfig};
+pub use config::{ClipConfig, Family, ModelIndex, ModelInfo, UNetConfig, VaeConfig};
 pub use denoise::StepProgress;
 pub use prompt::PromptEmbeddings;
 pub use scheduler::{SchedulerConfig, SchedulerKind};
@@ -67,6 +68,11 @@ pub enum PipelineError {
     Tokenize(tokenizers::Error),
     #[error("encoding prompts: {0}")]
     EncodePrompt(candle_core::Error),
+    #[error("prompt weighting: {0}")]
+    Weighting(crate::job::weighting::WeightError),
+    /// A served model that cannot be loaded or does not fit the worker's memory budget.
+    #[error("{0}")]
+    ModelUnavailable(String),
     #[error("sampler {0}")]
     Sampler(String),
     #[error("latents: {0}")]
@@ -126,12 +132,7 @@ impl Pipeline {
         let unet_config = UNetConfig::load(&root.join("unet/config.json"))?;
         let text_plan = TextPlan::load(root, &index)?;
         let vae_config = VaeConfig::load(&root.join("vae/config.json"))?;
-        let scheduler_path = root.join("scheduler/scheduler_config.json");
-        let scheduler_config = if scheduler_path.exists() {
-            SchedulerConfig::load(&scheduler_path)?
-        } else {
-            SchedulerConfig::sdxl_default()
-        };
+        let scheduler_config = config::scheduler_config(root)?;
         prompt::check_context_width(root, &text_plan, unet_config.cross_attention_dim)?;
         if (unet_config.text_time.is_some()) != (index.family == Family::Sdxl) {
             return Err(config::ConfigError::Key {
@@ -250,6 +251,11 @@ impl Pipeline {
         &self.load_report
     }
 
+    /// Bytes the model's loaded tensors hold on its device (weights only, not working memory).
+    pub fn loaded_bytes(&self) -> u64 {
+        self.load_report.iter().map(|c| c.loaded_bytes).sum()
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -281,16 +287,12 @@ impl Pipeline {
 
     /// The model's native size in pixels (`sample_size × vae_scale_factor`: 1024 for SDXL/SSD-1B).
     pub fn default_size(&self) -> usize {
-        self.unet.config().sample_size * self.vae_scale_factor()
+        self.model_defaults().size as usize
     }
 
     /// The sampler the model ships, as a contract name (`euler` when it ships one we don't name).
     pub fn default_scheduler(&self) -> SchedulerKind {
-        self.index
-            .scheduler_class
-            .as_deref()
-            .and_then(SchedulerKind::from_diffusers_class)
-            .unwrap_or(SchedulerKind::Euler)
+        self.model_defaults().scheduler
     }
 
     /// The model family and what its `model_index.json` says.
@@ -298,20 +300,15 @@ impl Pipeline {
         &self.index
     }
 
-    /// What the model contributes to a job that leaves fields out: its native size, its shipped
-    /// sampler, diffusers' guidance default for its pipeline class
-    /// (`StableDiffusionXLPipeline.__call__`: 5.0, `StableDiffusionPipeline.__call__`: 7.5).
+    /// What the model contributes to a job that leaves fields out (`config::ModelInfo`, which
+    /// reads the same from the files alone).
     pub fn model_defaults(&self) -> crate::job::ModelDefaults {
-        crate::job::ModelDefaults {
-            size: self.default_size() as u32,
-            scheduler: self.default_scheduler(),
-            guidance_scale: match self.index.family {
-                Family::Sdxl => 5.0,
-                Family::Sd => 7.5,
-            },
-            unsupported_scheduler: self.scheduler_config.unsupported(),
-            ..crate::job::ModelDefaults::default()
-        }
+        config::model_defaults(
+            &self.index,
+            self.unet.config(),
+            &self.vae_config,
+            &self.scheduler_config,
+        )
     }
 
     /// Token ids of every tokenizer for one prompt, in encoder order.
@@ -332,6 +329,17 @@ impl Pipeline {
         mode: crate::job::LongPrompt,
     ) -> Result<PromptEmbeddings, PipelineError> {
         self.text.encode_prompts_as(texts, mode)
+    }
+
+    /// Embeddings for a list of texts in `mode` with `weighting` (`a1111`: the A1111 syntax read,
+    /// weights applied per chunk as A1111 does), every text padded to the same number of chunks.
+    pub fn encode_prompts_with(
+        &self,
+        texts: &[&str],
+        mode: crate::job::LongPrompt,
+        weighting: crate::job::PromptWeighting,
+    ) -> Result<PromptEmbeddings, PipelineError> {
+        self.text.encode_prompts_with(texts, mode, weighting)
     }
 
     /// Initial noise from each image's seed, or the caller's latents after a shape check.

@@ -14,8 +14,14 @@
 //! tokens; every text of one call padded with the empty prompt's chunk to the longest's count
 //! (compel's `pad_conditioning_tensors_to_same_length`, and CompelForSDXL's padding of the shorter
 //! encoder); the pooled embedding from the first chunk (compel's `get_pooled_embeddings` encodes the
-//! prompt truncated at 77, which is exactly that chunk). compel's weighting syntax is not parsed:
-//! texts are encoded literally, as diffusers encodes them.
+//! prompt truncated at 77, which is exactly that chunk).
+//!
+//! Prompt weighting ([`PromptWeighting`]): with `a1111` each text is parsed (`job/weighting.rs`),
+//! each piece tokenized on its own with its weight, `BREAK` closing a chunk
+//! ([`ClipTokenizer::encode_weighted_chunks`], A1111's `tokenize_line`), and every encoder's chunk
+//! states weighted and mean-restored (`emphasis.rs`); the pooled embedding is the first chunk's,
+//! unweighted, as A1111's. A text without syntax gets the same ids and weights of 1, so it encodes
+//! to the bit as with `none`. compel's own syntax (`word+`, `(words)1.2`, `.and()`) is not read.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,8 +35,9 @@ use super::batch::RenderBatch;
 use super::clip::{ClipOutput, ClipTextEncoder};
 use super::config::{ClipConfig, ConfigError, Family, ModelIndex};
 use super::denoise::uses_guidance;
+use super::emphasis::emphasize;
 use super::tokenizer::{ClipTokenizer, Tokens};
-use crate::job::LongPrompt;
+use crate::job::{LongPrompt, PromptWeighting};
 
 /// Most chunks one prompt is encoded in with [`LongPrompt::Chunk`]: 10 × 75 = 750 tokens, past
 /// which the rest is cut and reported. The UNet's cross-attention time and its attention-score
@@ -56,6 +63,15 @@ pub(crate) struct BatchEmbeddings {
     pub pooled: Option<Tensor>,
     /// Per image: its prompt was cut at the encoders' length.
     pub truncated: Vec<bool>,
+}
+
+/// One text's chunks on one tokenizer ([`TextEncoders::chunks_of`]).
+struct TextChunks {
+    /// Each 77 ids (`BOS … EOS pad…`).
+    ids: Vec<Vec<u32>>,
+    /// Per id of `ids`, when some weight is not 1.
+    weights: Option<Vec<Vec<f32>>>,
+    truncated: bool,
 }
 
 /// One tokenizer and the encoder it feeds (the tokenizer shared with LoRA variants' encoders).
@@ -198,40 +214,91 @@ impl TextEncoders {
             .collect()
     }
 
-    /// Embeddings for a list of texts in `mode`, without CFG handling; every text gets the same
-    /// context length.
+    /// Embeddings for a list of texts in `mode`, read literally, without CFG handling; every text
+    /// gets the same context length.
     pub(crate) fn encode_prompts_as(
         &self,
         texts: &[&str],
         mode: LongPrompt,
     ) -> Result<PromptEmbeddings, PipelineError> {
-        match mode {
-            LongPrompt::Truncate => self.encode_prompts(texts),
-            LongPrompt::Chunk => self.encode_chunked(texts),
+        self.encode_prompts_with(texts, mode, PromptWeighting::None)
+    }
+
+    /// Embeddings for a list of texts in `mode` with `weighting`, without CFG handling; every text
+    /// gets the same context length.
+    pub(crate) fn encode_prompts_with(
+        &self,
+        texts: &[&str],
+        mode: LongPrompt,
+        weighting: PromptWeighting,
+    ) -> Result<PromptEmbeddings, PipelineError> {
+        match (mode, weighting) {
+            (LongPrompt::Truncate, PromptWeighting::None) => self.encode_prompts(texts),
+            _ => self.encode_chunked(texts, mode, weighting),
         }
     }
 
+    /// One text's chunks on `encoder`'s tokenizer: compel's plain chunks, or with `a1111` A1111's
+    /// weighted ones (`truncate` keeps one chunk). No weights when every weight is 1.
+    fn chunks_of(
+        encoder: &Encoder,
+        text: &str,
+        mode: LongPrompt,
+        weighting: PromptWeighting,
+    ) -> Result<TextChunks, PipelineError> {
+        let max_chunks = match mode {
+            LongPrompt::Chunk => MAX_CHUNKS,
+            LongPrompt::Truncate => 1,
+        };
+        let tok = &encoder.tokenizer;
+        let t = PipelineError::Tokenize;
+        Ok(match weighting {
+            PromptWeighting::None => {
+                let c = tok.encode_chunks(text, max_chunks).map_err(t)?;
+                TextChunks {
+                    ids: c.chunks,
+                    weights: None,
+                    truncated: c.truncated,
+                }
+            }
+            PromptWeighting::A1111 => {
+                let pieces =
+                    crate::job::weighting::parse(text).map_err(PipelineError::Weighting)?;
+                let c = tok.encode_weighted_chunks(&pieces, max_chunks).map_err(t)?;
+                let plain = c.weights.iter().flatten().all(|&w| w == 1.0);
+                TextChunks {
+                    ids: c.chunks.chunks,
+                    weights: (!plain).then_some(c.weights),
+                    truncated: c.chunks.truncated,
+                }
+            }
+        })
+    }
+
     /// compel's long-prompt encoding (module docs): chunks of 75 tokens, every text padded with
-    /// the empty prompt's chunk to the longest text's count, over every encoder.
-    fn encode_chunked(&self, texts: &[&str]) -> Result<PromptEmbeddings, PipelineError> {
+    /// the empty prompt's chunk to the longest text's count, over every encoder; with `a1111` the
+    /// weighted chunks, each encoder's states weighted per chunk.
+    fn encode_chunked(
+        &self,
+        texts: &[&str],
+        mode: LongPrompt,
+        weighting: PromptWeighting,
+    ) -> Result<PromptEmbeddings, PipelineError> {
         let mut truncated = vec![false; texts.len()];
         let mut per_encoder = Vec::with_capacity(self.encoders.len());
         for encoder in &self.encoders {
             let mut column = Vec::with_capacity(texts.len());
             for (i, text) in texts.iter().enumerate() {
-                let chunks = encoder
-                    .tokenizer
-                    .encode_chunks(text, MAX_CHUNKS)
-                    .map_err(PipelineError::Tokenize)?;
+                let chunks = Self::chunks_of(encoder, text, mode, weighting)?;
                 truncated[i] |= chunks.truncated;
-                column.push(chunks.chunks);
+                column.push(chunks);
             }
             per_encoder.push(column);
         }
         let count = per_encoder
             .iter()
             .flatten()
-            .map(Vec::len)
+            .map(|c| c.ids.len())
             .max()
             .unwrap_or(1)
             .max(1);
@@ -240,18 +307,30 @@ impl TextEncoders {
         let mut pooled = None;
         for (encoder, column) in self.encoders.iter().zip(per_encoder) {
             let empty = encoder.tokenizer.empty_chunk();
-            // One encoder row per chunk, text by text: chunk c of text t is row t·count + c.
-            let rows: Vec<Vec<u32>> = column
-                .into_iter()
-                .flat_map(|mut chunks| {
-                    chunks.resize(count, empty.clone());
-                    chunks
-                })
-                .collect();
+            let weighted = column.iter().any(|c| c.weights.is_some());
+            // One encoder row per chunk, text by text: chunk c of text t is row t·count + c. The
+            // padding chunks weigh 1 everywhere.
+            let mut rows: Vec<Vec<u32>> = Vec::with_capacity(texts.len() * count);
+            let mut weights: Vec<Vec<f32>> = Vec::new();
+            for c in column {
+                let len = empty.len();
+                let n = c.ids.len();
+                rows.extend(c.ids);
+                rows.resize(rows.len() + count - n, empty.clone());
+                if weighted {
+                    let mut w = c.weights.unwrap_or_else(|| vec![vec![1.0; len]; n]);
+                    w.resize(count, vec![1.0; len]);
+                    weights.extend(w);
+                }
+            }
             let out = encoder.encoder.forward(&rows).map_err(e)?;
-            let (_, len, width) = out.hidden.dims3().map_err(e)?;
+            let states = match weighted {
+                true => emphasize(&out.hidden, &weights).map_err(e)?,
+                false => out.hidden,
+            };
+            let (_, len, width) = states.dims3().map_err(e)?;
             hidden.push(
-                out.hidden
+                states
                     .reshape((texts.len(), count * len, width))
                     .map_err(e)?,
             );
@@ -277,11 +356,12 @@ impl TextEncoders {
             return Ok(vec![(0..batch.images.len()).collect()]);
         }
         let guided = uses_guidance(batch.guidance_scale);
+        let count = |text: &str| self.chunk_count(text, batch.prompt_weighting);
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, img) in batch.images.iter().enumerate() {
-            let mut chunks = self.chunk_count(&img.prompt)?;
+            let mut chunks = count(&img.prompt)?;
             if let (true, Some(n)) = (guided, &img.negative_prompt) {
-                chunks = chunks.max(self.chunk_count(n)?);
+                chunks = chunks.max(count(n)?);
             }
             match groups.iter_mut().find(|(c, _)| *c == chunks) {
                 Some((_, members)) => members.push(i),
@@ -292,14 +372,11 @@ impl TextEncoders {
     }
 
     /// Chunks `text` takes in [`LongPrompt::Chunk`] (the most over the encoders' tokenizers).
-    fn chunk_count(&self, text: &str) -> Result<usize, PipelineError> {
+    fn chunk_count(&self, text: &str, weighting: PromptWeighting) -> Result<usize, PipelineError> {
         let mut most = 1;
         for e in &self.encoders {
-            let chunks = e
-                .tokenizer
-                .encode_chunks(text, MAX_CHUNKS)
-                .map_err(PipelineError::Tokenize)?;
-            most = most.max(chunks.chunks.len());
+            let chunks = Self::chunks_of(e, text, LongPrompt::Chunk, weighting)?;
+            most = most.max(chunks.ids.len());
         }
         Ok(most)
     }
@@ -356,7 +433,7 @@ impl TextEncoders {
                 unique.len() - 1
             });
         }
-        let emb = self.encode_prompts_as(&unique, batch.long_prompt)?;
+        let emb = self.encode_prompts_with(&unique, batch.long_prompt, batch.prompt_weighting)?;
         let e = PipelineError::EncodePrompt;
         let gather = |all: &Tensor| -> Result<Tensor, PipelineError> {
             let zero = all.get(0).and_then(|t| t.zeros_like()).map_err(e)?;

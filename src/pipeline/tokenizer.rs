@@ -24,6 +24,8 @@ use tokenizers::{
 };
 
 /// CLIP's pre-tokenization pattern (transformers `CLIPTokenizer`, from OpenAI's `simple_tokenizer.py`).
+use crate::job::weighting::Piece;
+
 const CLIP_SPLIT: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 const BOS: &str = "<|startoftext|>";
@@ -60,6 +62,14 @@ pub struct ClipTokenizer {
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
+}
+
+/// A weighted prompt's chunks: [`Chunks`] with every id's weight beside it (BOS, EOS and padding 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightedChunks {
+    pub chunks: Chunks,
+    /// `weights[c][i]` weighs `chunks.chunks[c][i]`.
+    pub weights: Vec<Vec<f32>>,
 }
 
 /// A prompt's token ids in context-length chunks (long-prompt encoding, `prompt.rs`).
@@ -197,6 +207,58 @@ impl ClipTokenizer {
         Ok(Chunks {
             chunks,
             truncated: needed > max_chunks,
+        })
+    }
+
+    /// A1111's `tokenize_line` (`modules/sd_hijack_clip.py`) without its comma back-tracking (which
+    /// compel's BRUTAL split and [`ClipTokenizer::encode_chunks`] do not do either): each text piece
+    /// tokenized on its own, its ids appended with its weight; a chunk closes when it holds
+    /// `max_length - 2` ids and another one comes, and at every [`Piece::Break`] (even an empty one,
+    /// as A1111 does); at the end the open chunk closes if it has ids or is the only one. Chunks are
+    /// wrapped and padded as in [`ClipTokenizer::encode_chunks`], which this equals for one text of
+    /// weight 1. At most `max_chunks` are kept.
+    pub fn encode_weighted_chunks(
+        &self,
+        pieces: &[Piece],
+        max_chunks: usize,
+    ) -> Result<WeightedChunks, tokenizers::Error> {
+        let body = self.max_length.saturating_sub(2).max(1);
+        let mut closed: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+        let mut open: (Vec<u32>, Vec<f32>) = (Vec::new(), Vec::new());
+        for piece in pieces {
+            match piece {
+                Piece::Break => closed.push(std::mem::take(&mut open)),
+                Piece::Text { text, weight } => {
+                    let enc = self.raw.encode(text.as_str(), false)?;
+                    for &id in enc.get_ids() {
+                        if open.0.len() == body {
+                            closed.push(std::mem::take(&mut open));
+                        }
+                        open.0.push(id);
+                        open.1.push(*weight as f32);
+                    }
+                }
+            }
+        }
+        if !open.0.is_empty() || closed.is_empty() {
+            closed.push(open);
+        }
+        let max_chunks = max_chunks.max(1);
+        let truncated = closed.len() > max_chunks;
+        closed.truncate(max_chunks);
+        let (chunks, weights) = closed
+            .into_iter()
+            .map(|(ids, w)| {
+                let mut weights = Vec::with_capacity(self.max_length);
+                weights.push(1.0);
+                weights.extend(w);
+                weights.resize(self.max_length, 1.0);
+                (self.chunk_of(&ids), weights)
+            })
+            .unzip();
+        Ok(WeightedChunks {
+            chunks: Chunks { chunks, truncated },
+            weights,
         })
     }
 

@@ -1,7 +1,8 @@
 //! Grouping compatible jobs into one device batch. Pure: no clock of its own, no broker.
 //!
-//! Jobs are compatible when they share size, steps, sampler, guidance, long-prompt mode and LoRA
-//! adapters with their scales (`Generation::is_batchable_with`: one batch runs on one merged model). The head of the interactive queue always goes first, so a bulk
+//! Jobs are compatible when they are for the same served model and share size, steps, sampler,
+//! guidance, long-prompt mode, weighting and LoRA adapters with their scales
+//! (`Generation::is_batchable_with`: one batch runs on one merged model). The head of the interactive queue always goes first, so a bulk
 //! backlog delays an interactive job by at most the batch already on the device; bulk jobs with the
 //! same parameters may ride along. A batch that is not full waits at most `window` after its oldest
 //! job arrived, trading a little latency for throughput.
@@ -15,6 +16,8 @@ use crate::queue::Lane;
 /// A job waiting for the device, with whatever the caller needs to finish it (`T`: the delivery).
 pub struct Pending<T> {
     pub job: Job,
+    /// The served model that renders it: a batch has one.
+    pub model: usize,
     pub lane: Lane,
     pub arrived: Instant,
     pub extra: T,
@@ -100,7 +103,9 @@ impl<T> Batcher<T> {
                 let n = p.job.generation.num_images;
                 let is_head = chosen.is_empty();
                 let fits = n <= budget && images + n <= self.max_images;
-                if is_head || (fits && p.job.generation.is_batchable_with(&head.job.generation)) {
+                let compatible = p.model == head.model
+                    && p.job.generation.is_batchable_with(&head.job.generation);
+                if is_head || (fits && compatible) {
                     chosen.push((is_interactive, i));
                     images += n;
                     budget = budget.saturating_sub(n);
@@ -148,6 +153,7 @@ mod tests {
     fn pending(id: &str, lane: Lane, steps: u32, n: u32, at: Instant) -> Pending<()> {
         Pending {
             job: job(id, steps, n),
+            model: 0,
             lane,
             arrived: at,
             extra: (),
@@ -202,6 +208,7 @@ mod tests {
             };
             Pending {
                 job: Job::parse(req, &Limits::default(), &ModelDefaults::default()).unwrap(),
+                model: 0,
                 lane: Lane::Interactive,
                 arrived: t,
                 extra: (),
@@ -241,6 +248,7 @@ mod tests {
             }
             Pending {
                 job,
+                model: 0,
                 lane: Lane::Interactive,
                 arrived: t,
                 extra: (),
@@ -265,6 +273,20 @@ mod tests {
         for alone in ["none", "scale", "stack", "changed", "order"] {
             assert_eq!(ids(b.next_batch(t)), vec![alone]);
         }
+    }
+
+    #[test]
+    fn jobs_for_different_models_are_not_batched() {
+        let t = Instant::now();
+        let mut b = Batcher::new(4, Duration::ZERO);
+        for (id, model) in [("a", 0), ("b", 1), ("c", 0), ("d", 1)] {
+            b.push(Pending {
+                model,
+                ..pending(id, Lane::Interactive, 20, 1, t)
+            });
+        }
+        assert_eq!(ids(b.next_batch(t)), vec!["a", "c"]);
+        assert_eq!(ids(b.next_batch(t)), vec!["b", "d"]);
     }
 
     #[test]

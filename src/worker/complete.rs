@@ -31,8 +31,9 @@ use sha2::Digest;
 use time::OffsetDateTime;
 
 use super::metrics::Metrics;
+use super::models::{Served, model_of};
 use crate::events::{
-    CloudEvent, ErrorCode, ErrorInfo, EventData, EventKind, ImageRecord, SafetyChecker, TimingsMs,
+    CloudEvent, ErrorCode, ErrorInfo, EventData, EventKind, ImageRecord, TimingsMs,
 };
 use crate::image::{ImageMetadata, ParametersText, encode, parameters_text};
 use crate::job::{Job, JobId, Rejection};
@@ -128,11 +129,11 @@ pub struct Completion<St, Si> {
     pub worker_id: String,
     /// The deployment's CloudEvents `source`, the same on every worker (`--event-source`).
     pub source: String,
-    /// As configured (`segmind/SSD-1B`), reported in events and image metadata.
-    pub model: String,
+    /// The served models, the default pool's first: a job's (its `spec` as configured,
+    /// `segmind/SSD-1B`) is reported in its events and image metadata, with its safety checker
+    /// (never run here) in every event of a model that ships one.
+    pub models: Arc<Vec<Served>>,
     pub dtype: &'static str,
-    /// Reported in every event of a model that ships a safety checker (never run here).
-    pub safety_checker: Option<SafetyChecker>,
     /// Attempts before a transient failure becomes `job.failed` (the queue's delivery limit).
     pub max_attempts: u32,
     pub metrics: Arc<Metrics>,
@@ -141,10 +142,18 @@ pub struct Completion<St, Si> {
 impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
     /// The `data` every event of `job` starts from.
     pub fn data(&self, job: &Job, attempt: u32, kind: EventKind) -> EventData {
+        let served = self.served(job);
         let mut data =
-            EventData::for_job(job, kind.status(), attempt, &self.worker_id, &self.model);
-        data.safety_checker = self.safety_checker;
+            EventData::for_job(job, kind.status(), attempt, &self.worker_id, &served.spec);
+        data.safety_checker = served.safety_checker;
         data
+    }
+
+    /// The served model `job` is for (the first for a job naming none, or one not served here:
+    /// intake fails those before they render).
+    fn served(&self, job: &Job) -> &Served {
+        let i = model_of(&self.models, job.model.as_deref()).unwrap_or(0);
+        &self.models[i]
     }
 
     pub fn event(&self, kind: EventKind, data: EventData) -> CloudEvent {
@@ -274,7 +283,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
             status: EventKind::Failed.status().into(),
             attempt: 1,
             worker: self.worker_id.clone(),
-            model: self.model.clone(),
+            model: self.models[0].spec.clone(),
             params: None,
             images: vec![],
             timings_ms: None,
@@ -376,7 +385,7 @@ impl<St: ImageStore, Si: EventSink> Completion<St, Si> {
         timing: BatchTiming,
     ) -> Outcome {
         let encode_start = Instant::now();
-        let (owned, model, dtype) = (job.clone(), self.model.clone(), self.dtype);
+        let (owned, model, dtype) = (job.clone(), self.served(job).spec.clone(), self.dtype);
         let encoded =
             tokio::task::spawn_blocking(move || encode_all(&owned, &images, &model, dtype)).await;
         let encoded = match encoded {

@@ -13,8 +13,18 @@ use crate::job::{Limits, ModelDefaults, parse_job_body};
 use crate::queue::Lane;
 use crate::worker::fakes::{MemoryStore, RecordingSink};
 use crate::worker::intake::{Contract, Intake, intake};
+use crate::worker::models::Served;
 
 const MODEL: &str = "segmind/SSD-1B";
+
+fn served() -> Served {
+    Served {
+        spec: MODEL.into(),
+        slug: crate::job::ModelSlug::of(MODEL).unwrap(),
+        defaults: ModelDefaults::default(),
+        safety_checker: None,
+    }
+}
 
 fn completion(max_attempts: u32) -> Completion<MemoryStore, RecordingSink> {
     on_worker("w1", max_attempts)
@@ -26,9 +36,8 @@ fn on_worker(worker: &str, max_attempts: u32) -> Completion<MemoryStore, Recordi
         sink: RecordingSink::default(),
         worker_id: worker.into(),
         source: "/t2i-worker/t2i".into(),
-        model: MODEL.into(),
+        models: Arc::new(vec![served()]),
         dtype: "f32",
-        safety_checker: None,
         max_attempts,
         metrics: Metrics::new(&prometheus::Registry::new()),
     }
@@ -271,10 +280,10 @@ async fn an_invalid_body_is_rejected_under_its_message_id_or_a_body_hash() {
 }
 
 async fn decide(store: &MemoryStore, body: &str, canceled: bool) -> Intake {
+    let served = [served()];
     let contract = Contract {
         limits: &Limits::default(),
-        defaults: &ModelDefaults::default(),
-        model: MODEL,
+        served: &served,
     };
     let now = OffsetDateTime::now_utc();
     intake(body.as_bytes(), &contract, store, |_| canceled, now).await
@@ -287,7 +296,7 @@ async fn intake_decides_each_delivery_once() {
     let store = MemoryStore::default();
     assert!(matches!(
         decide(&store, FOX, false).await,
-        Intake::Render(_)
+        Intake::Render(_, 0)
     ));
     assert!(matches!(
         decide(&store, FOX, true).await,
@@ -339,10 +348,58 @@ async fn a_job_for_another_model_fails_as_not_served_naming_it_without_retry() {
     for same in ["segmind/SSD-1B", "SSD-1B", "/models/ssd-1b"] {
         let body = format!(r#"{{"job_id": "s-1", "prompt": "x", "model": "{same}"}}"#);
         assert!(
-            matches!(decide(&store, &body, false).await, Intake::Render(_)),
+            matches!(decide(&store, &body, false).await, Intake::Render(_, 0)),
             "{same}"
         );
     }
+}
+
+/// A worker serving two models parses each job with its own model's defaults, and announces it
+/// with that model.
+#[tokio::test]
+async fn a_second_served_model_takes_its_jobs_with_its_own_defaults() {
+    let store = MemoryStore::default();
+    let sd = Served {
+        spec: "/models/sd15".into(),
+        slug: crate::job::ModelSlug::of("sd15").unwrap(),
+        defaults: ModelDefaults {
+            size: 512,
+            guidance_scale: 7.5,
+            ..ModelDefaults::default()
+        },
+        safety_checker: Some(crate::events::SafetyChecker::NotRun),
+    };
+    let served = [served(), sd];
+    let contract = Contract {
+        limits: &Limits::default(),
+        served: &served,
+    };
+    let now = OffsetDateTime::now_utc();
+    let decide = |body: &'static str| intake(body.as_bytes(), &contract, &store, |_| false, now);
+    let Intake::Render(job, 1) =
+        decide(r#"{"job_id": "s-1", "prompt": "x", "model": "sd15"}"#).await
+    else {
+        panic!("a job for the second model renders with it");
+    };
+    assert_eq!(
+        (job.generation.width, job.generation.guidance_scale),
+        (512, 7.5)
+    );
+    let Intake::Render(plain, 0) = decide(r#"{"job_id": "p-1", "prompt": "x"}"#).await else {
+        panic!("a job naming no model renders with the first");
+    };
+    assert_eq!(plain.generation.width, 1024);
+    let c = Completion {
+        models: Arc::new(served.to_vec()),
+        ..completion(5)
+    };
+    let data = c.data(&job, 1, EventKind::Started);
+    assert_eq!(data.model, "/models/sd15");
+    assert_eq!(
+        data.safety_checker,
+        Some(crate::events::SafetyChecker::NotRun)
+    );
+    assert_eq!(c.data(&plain, 1, EventKind::Started).model, MODEL);
 }
 
 #[tokio::test]

@@ -12,12 +12,11 @@ use std::collections::HashSet;
 use time::OffsetDateTime;
 
 use super::complete::Action;
+use super::models::{Served, model_of};
 use crate::adapters::{Fetched, Fetcher};
 use crate::control::ControlMessage;
 use crate::events::{ErrorCode, EventData, EventKind};
-use crate::job::{
-    BadBody, Job, Limits, Lora, ModelDefaults, ModelSlug, Rejection, model_matches, parse_job_body,
-};
+use crate::job::{BadBody, Job, Limits, Lora, ModelSlug, Rejection, parse_job_body};
 use crate::storage::{ImageStore, ObjectKey};
 
 /// Jobs and batches canceled through the control exchange (kept for the life of the process).
@@ -54,23 +53,35 @@ pub enum Intake {
     Invalid(BadBody),
     /// Nothing to render: the action settles it now.
     Settled(Box<Job>, Action),
-    /// Waits for a device batch.
-    Render(Box<Job>),
+    /// Waits for a device batch, to be rendered with served model `.1`.
+    Render(Box<Job>, usize),
 }
 
 /// What the contract needs to parse a job as this worker would render it.
 pub struct Contract<'a> {
     pub limits: &'a Limits,
-    pub defaults: &'a ModelDefaults,
-    /// The model this worker serves: a job naming another one was misrouted here (published on the
-    /// default pool's keys, or into a queue its pool does not own) and fails with `model_not_served`.
-    pub model: &'a str,
+    /// The models this worker serves, the default pool's first: a job is parsed with its model's
+    /// defaults, and a job naming another model was misrouted here (published on the default
+    /// pool's keys, or into a queue its pool does not own) and fails with `model_not_served`.
+    pub served: &'a [Served],
+}
+
+/// The `model` member of a job body, when it is a JSON object with a string there (anything else
+/// is for `parse_job_body` to refuse).
+fn named_model(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        #[serde(default)]
+        model: Option<serde_json::Value>,
+    }
+    let named: Named = serde_json::from_slice(body).ok()?;
+    named.model?.as_str().map(str::to_string)
 }
 
 /// Decides what becomes of a delivery before it waits for the device, in this order: invalid →
 /// rejected; for another model → failed (`model_not_served`); already done (`result.json`
 /// stored) → re-announced; the store unreachable → retried later; deadline passed → expired;
-/// canceled → canceled; otherwise it waits for a batch.
+/// canceled → canceled; otherwise it waits for a batch of its model.
 pub async fn intake<S: ImageStore>(
     body: &[u8],
     contract: &Contract<'_>,
@@ -78,23 +89,27 @@ pub async fn intake<S: ImageStore>(
     cancelled: impl FnOnce(&Job) -> bool,
     now: OffsetDateTime,
 ) -> Intake {
-    let job = match parse_job_body(body, contract.limits, contract.defaults) {
+    // The job is parsed with its own model's defaults (its native size, sampler, guidance), so
+    // the model it names is read first.
+    let model = model_of(contract.served, named_model(body).as_deref());
+    let defaults = &contract.served[model.unwrap_or(0)].defaults;
+    let job = match parse_job_body(body, contract.limits, defaults) {
         Ok(j) => Box::new(j),
         Err(bad) => return Intake::Invalid(bad),
     };
-    if let Some(asked) = job.model.as_deref()
-        && !model_matches(asked, contract.model)
-    {
-        let served = contract.model;
+    let Some(model) = model else {
+        let asked = job.model.as_deref().unwrap_or_default();
+        let served: Vec<&str> = contract.served.iter().map(|s| s.spec.as_str()).collect();
+        let served = served.join(", ");
         let message = match ModelSlug::of(asked) {
             Ok(slug) => format!(
-                "model {asked:?} is not served by this worker (it serves {served:?}); jobs for it \
+                "model {asked:?} is not served by this worker (it serves {served}); jobs for it \
                  are published with the routing key `<lane>.{slug}`, which only its pool binds"
             ),
-            Err(_) => format!("model {asked:?} is not served by this worker ({served:?})"),
+            Err(_) => format!("model {asked:?} is not served by this worker ({served})"),
         };
         return Intake::Settled(job, Action::Fail(ErrorCode::ModelNotServed, message));
-    }
+    };
     let result_key = ObjectKey::result(&job.output.key_prefix, &job.job_id);
     match store.get(&result_key).await {
         Ok(Some(bytes)) => {
@@ -115,7 +130,7 @@ pub async fn intake<S: ImageStore>(
     if cancelled(&job) {
         return Intake::Settled(job, Action::End(EventKind::Canceled));
     }
-    Intake::Render(job)
+    Intake::Render(job, model)
 }
 
 /// Fetches `job`'s LoRA adapters and records their hashes in it (events report them; the batch key

@@ -7,7 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Histogram buckets in seconds, for queue waits and phases alike. They go past the 600 s default
@@ -49,6 +50,12 @@ pub struct Metrics {
     pub held: IntGauge,
     /// Jobs in the batch on the device now.
     pub rendering: IntGauge,
+    /// Per served model (its pool's slug): 1 while it is loaded on the device.
+    pub model_loaded: IntGaugeVec,
+    /// Per served model: the bytes its loaded tensors hold (kept after an unload: its size).
+    pub model_weight_bytes: IntGaugeVec,
+    pub model_loads: IntCounterVec,
+    pub model_unloads: IntCounterVec,
     /// Registered only where the device can say (CUDA), so no one reads a 0 as a measurement.
     device_memory: OnceLock<(Device, Gauge)>,
 }
@@ -104,6 +111,22 @@ impl Metrics {
         .expect("static metric");
         let rendering = IntGauge::new("jobs_rendering", "Jobs in the batch on the device")
             .expect("static metric");
+        let per_model = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["model"]).expect("static metric")
+        };
+        let model_loaded = per_model("model_loaded", "1 while the served model is on the device");
+        let model_weight_bytes = per_model(
+            "model_weight_bytes",
+            "Bytes the served model's loaded tensors hold (measured at its last load)",
+        );
+        let counter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["model"]).expect("static metric")
+        };
+        let model_loads = counter("model_loads_total", "Loads of the served model");
+        let model_unloads = counter(
+            "model_unloads_total",
+            "Unloads of the served model to fit the memory budget",
+        );
         for m in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(retries.clone()),
@@ -115,6 +138,10 @@ impl Metrics {
             Box::new(batch_size.clone()),
             Box::new(held.clone()),
             Box::new(rendering.clone()),
+            Box::new(model_loaded.clone()),
+            Box::new(model_weight_bytes.clone()),
+            Box::new(model_loads.clone()),
+            Box::new(model_unloads.clone()),
         ] {
             registry.register(m).expect("metrics are registered once");
         }
@@ -129,8 +156,22 @@ impl Metrics {
             batch_size,
             held,
             rendering,
+            model_loaded,
+            model_weight_bytes,
+            model_loads,
+            model_unloads,
             device_memory: OnceLock::new(),
         })
+    }
+
+    /// Shows every served model from the start (not loaded, nothing counted yet).
+    pub fn serve_models<'a>(&self, slugs: impl IntoIterator<Item = &'a str>) {
+        for slug in slugs {
+            self.model_loaded.with_label_values(&[slug]).set(0);
+            self.model_weight_bytes.with_label_values(&[slug]);
+            self.model_loads.with_label_values(&[slug]);
+            self.model_unloads.with_label_values(&[slug]);
+        }
     }
 
     /// Counts a terminal outcome (one of [`OUTCOMES`]).
@@ -198,6 +239,7 @@ mod tests {
         m.job_encode.observe(1.0);
         m.job_upload.observe(1.0);
         m.batch_size.observe(1.0);
+        m.serve_models(["ssd-1b"]);
         let mut buf = Vec::new();
         prometheus::Encoder::encode(
             &prometheus::TextEncoder::new(),
@@ -222,6 +264,10 @@ mod tests {
             "t2i_batch_images",
             "t2i_jobs_held",
             "t2i_jobs_rendering",
+            "t2i_model_loaded",
+            "t2i_model_weight_bytes",
+            "t2i_model_loads_total",
+            "t2i_model_unloads_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),

@@ -10,9 +10,11 @@
 //!   session.rs: Outcome → ack | reject (dead-letter) | retry copy + ack | leave (reconnect)
 //! ```
 //!
-//! `run` loads and warms the model, starts the render thread and the health endpoint, then keeps
-//! broker sessions going ([`session`]) with the one reconnect policy of [`crate::queue::Reconnect`]
-//! until `shutdown` fires.
+//! `run` reads every served model's configs, loads and warms the first, starts the render thread
+//! (which loads the others on demand within the memory budget: [`models`]) and the health
+//! endpoint, then keeps broker sessions going ([`session`]) with the one reconnect policy of
+//! [`crate::queue::Reconnect`] until `shutdown` fires. Ready means the first model is warm and the
+//! session consumes; the other models load when their first job comes (it waits for the load).
 
 mod batcher;
 mod complete;
@@ -20,6 +22,7 @@ mod complete;
 pub(crate) mod fakes;
 mod intake;
 mod metrics;
+mod models;
 mod render;
 mod session;
 
@@ -31,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::config::WorkerConfig;
 use crate::events::SafetyChecker;
 use crate::health::Health;
-use crate::job::{Generation, GenerationRequest, Job, ModelDefaults};
+use crate::job::{Generation, GenerationRequest, Job, ModelDefaults, ModelSlug};
 use crate::pipeline::runner::Runner;
 use crate::pipeline::{ImageSpec, RenderBatch};
 use crate::queue::{Delivery, Reconnect};
@@ -39,11 +42,14 @@ use crate::storage::Store;
 use complete::JobMeta;
 use intake::Cancellations;
 use metrics::Metrics;
+use models::{ModelSet, Served};
 use session::{SessionEnd, SessionError};
 
 /// A valid job waiting for, or on, the device, with its delivery (settled once, at its end).
 pub struct InHand {
     pub job: Job,
+    /// Which served model renders it (an index into [`Shared::served`]).
+    pub model: usize,
     pub meta: JobMeta,
     pub delivery: Delivery,
     /// Counts it in `t2i_jobs_held` until it is dropped, however it leaves.
@@ -68,8 +74,8 @@ impl InHand {
 /// What every session of the process shares.
 pub(crate) struct Shared {
     cfg: Arc<WorkerConfig>,
-    defaults: ModelDefaults,
-    safety_checker: Option<SafetyChecker>,
+    /// The served models, in `cfg.models` order.
+    served: Arc<Vec<Served>>,
     runner: Runner,
     store: Arc<Store>,
     health: Arc<Health>,
@@ -102,15 +108,13 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
         .context("setting up LoRA fetching")?;
     let Warm {
         runner,
-        defaults,
-        safety_checker,
+        served,
         device,
-    } = warm_up(&cfg).await?;
+    } = warm_up(&cfg, &metrics).await?;
     metrics.watch_device(health.registry(), &device);
     let shared = Shared {
         cfg: Arc::new(cfg),
-        defaults,
-        safety_checker,
+        served: Arc::new(served),
         runner,
         store,
         health,
@@ -153,21 +157,48 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     Ok(())
 }
 
-/// A loaded, warmed-up model and what the worker reports about it.
+/// The render thread with the first model warm, and what the worker reports about each model.
 struct Warm {
     runner: Runner,
-    defaults: ModelDefaults,
-    safety_checker: Option<SafetyChecker>,
+    served: Vec<Served>,
     device: candle_core::Device,
 }
 
-/// Loads the model, renders one tiny image (the first render pays for allocations and kernel
-/// loading; do it before consuming), and starts the render thread.
-async fn warm_up(cfg: &WorkerConfig) -> Result<Warm> {
-    let (model_cfg, lora_budget) = (cfg.model.clone(), cfg.lora_memory_bytes);
-    let loaded = tokio::task::spawn_blocking(move || {
-        let loaded = model_cfg.load()?;
+/// Reads every served model's configs (resolving, so downloading, each), loads the first and
+/// renders one tiny image with it (the first render pays for allocations and kernel loading; do
+/// it before consuming), and starts the render thread with every model on it.
+async fn warm_up(cfg: &WorkerConfig, metrics: &Arc<Metrics>) -> Result<Warm> {
+    let configs = cfg.models.clone();
+    let (budget, lora_budget) = (cfg.memory_budget, cfg.lora_memory_bytes);
+    let ((configs, pipeline), served) = tokio::task::spawn_blocking(move || {
+        let mut served = Vec::with_capacity(configs.len());
+        for m in &configs {
+            let root = crate::pipeline::weights::resolve_model(
+                &m.spec,
+                m.revision.as_deref(),
+                m.variant,
+                m.dtype,
+            )
+            .with_context(|| format!("resolving model {}", m.spec))?;
+            let info = crate::pipeline::ModelInfo::read(&root)
+                .with_context(|| format!("reading model {}", m.spec))?;
+            served.push(Served {
+                spec: m.spec.clone(),
+                slug: ModelSlug::of(&m.spec).map_err(|r| anyhow::anyhow!("{}", r.reason))?,
+                defaults: info.defaults,
+                safety_checker: info.has_safety_checker.then_some(SafetyChecker::NotRun),
+            });
+        }
+        let loaded = configs[0]
+            .load()
+            .with_context(|| format!("loading model {}", configs[0].spec))?;
         loaded.pipeline.set_lora_memory_budget(lora_budget);
+        let bytes = loaded.pipeline.loaded_bytes();
+        if let Some(b) = budget
+            && bytes > b
+        {
+            anyhow::bail!("{}", models::too_large(&configs[0].spec, bytes, b));
+        }
         let request = GenerationRequest {
             prompt: "warm-up".into(),
             width: Some(64),
@@ -182,24 +213,19 @@ async fn warm_up(cfg: &WorkerConfig) -> Result<Warm> {
         loaded
             .pipeline
             .render(&batch, &mut |_| std::ops::ControlFlow::Continue(()))
-            .map_err(|e| crate::config::LoadError::Pipeline(Box::new(e)))?;
-        Ok::<_, crate::config::LoadError>(loaded)
+            .with_context(|| format!("warming up model {}", configs[0].spec))?;
+        let load_s = loaded.load_time.as_secs_f64();
+        tracing::info!(model = %configs[0].spec, bytes, load_s, "model warm");
+        Ok::<_, anyhow::Error>(((configs, loaded.pipeline), served))
     })
-    .await?
-    .with_context(|| format!("loading model {}", cfg.model.spec))?;
-    tracing::info!(model = %cfg.model.spec, load_s = loaded.load_time.as_secs_f64(), "model warm");
-    let defaults = loaded.pipeline.model_defaults();
-    let safety_checker = loaded
-        .pipeline
-        .index()
-        .has_safety_checker
-        .then_some(SafetyChecker::NotRun);
-    let device = loaded.pipeline.device().clone();
-    let (runner, _thread) = Runner::spawn(loaded.pipeline).context("starting the render thread")?;
+    .await??;
+    let device = pipeline.device().clone();
+    metrics.serve_models(served.iter().map(|s| s.slug.as_str()));
+    let set = ModelSet::new(configs, pipeline, budget, lora_budget, metrics.clone());
+    let (runner, _thread) = Runner::spawn(set).context("starting the render thread")?;
     Ok(Warm {
         runner,
-        defaults,
-        safety_checker,
+        served,
         device,
     })
 }

@@ -93,7 +93,8 @@ pub async fn render_batch(ctx: &RenderCtx, jobs: Vec<InHand>) -> Result<BatchRes
     let stop_reason: Arc<Mutex<Option<Stop>>> = Arc::default();
     let hook = step_hook(ctx, &jobs, started, progress_tx, stop_reason.clone());
     ctx.metrics.rendering.set(jobs.len() as i64);
-    let result = ctx.runner.render(batch, hook).await;
+    // The batcher keys on the model: every job of the batch is for the first one's.
+    let result = ctx.runner.render(jobs[0].model, batch, hook).await;
     ctx.metrics.rendering.set(0);
     let _ = progress_task.await;
     let inference = started.elapsed();
@@ -175,6 +176,14 @@ pub async fn render_batch(ctx: &RenderCtx, jobs: Vec<InHand>) -> Result<BatchRes
                 device_error: None,
             }
         }
+        // A model that cannot be loaded or does not fit fails these jobs, not the device.
+        Err(PipelineError::ModelUnavailable(why)) => BatchResult {
+            jobs: jobs
+                .into_iter()
+                .map(|h| (h, Action::Fail(ErrorCode::ModelUnavailable, why.clone())))
+                .collect(),
+            device_error: None,
+        },
         Err(e) => {
             let oom = e.is_out_of_memory();
             let message = e.to_string();

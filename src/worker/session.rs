@@ -1,5 +1,5 @@
-//! One broker connection's worth of work: declare (the topology and the served model's pool), consume
-//! the routes (each lane of the model's pool, and of the default pool unless `--default-pool false`)
+//! One broker connection's worth of work: declare (the topology and the served models' pools), consume
+//! the routes (each lane of every model's pool, and of the default pool unless `--default-pool false`)
 //! and the control fanout, and
 //! move every delivery along its path — [`intake`] → the [`Batcher`] → [`render_batch`] → the
 //! completion handler — settling each delivery by the [`Outcome`] it ends with ([`settle`]).
@@ -72,17 +72,15 @@ pub async fn session(
 
 async fn open(sh: &Shared, conn: &Connection) -> Result<Opened, QueueError> {
     let cfg = &sh.cfg;
-    conn.declare_pools(&cfg.topology, std::slice::from_ref(&cfg.pool))
-        .await?;
+    conn.declare_pools(&cfg.topology, &cfg.pools).await?;
     let publisher = conn.publisher(&cfg.topology).await?;
     let completion = Arc::new(Completion {
         store: sh.store.clone(),
         sink: publisher.clone(),
         worker_id: cfg.worker_id.clone(),
         source: cfg.event_source.clone(),
-        model: cfg.model.spec.clone(),
-        dtype: cfg.model.dtype_name(),
-        safety_checker: sh.safety_checker,
+        models: sh.served.clone(),
+        dtype: cfg.models[0].dtype_name(),
         max_attempts: cfg.topology.delivery_limit.max(1),
         metrics: sh.metrics.clone(),
     });
@@ -97,11 +95,11 @@ async fn open(sh: &Shared, conn: &Connection) -> Result<Opened, QueueError> {
     });
     let mut jobs = Vec::new();
     for &lane in &cfg.lanes {
-        let own = Route {
+        let own = cfg.pools.iter().map(|pool| Route {
             lane,
-            pool: Some(cfg.pool.clone()),
-        };
-        let routes = std::iter::once(own).chain(cfg.default_pool.then_some(Route::from(lane)));
+            pool: Some(pool.clone()),
+        });
+        let routes = own.chain(cfg.default_pool.then_some(Route::from(lane)));
         for route in routes {
             let c = conn
                 .consume_route(&cfg.topology, &route, &cfg.worker_id, cfg.prefetch)
@@ -163,7 +161,7 @@ impl Work {
     /// sent to the batcher through `ready`.
     fn intake(&self, sh: &Shared, d: Delivery, route: Route, ready: &mpsc::Sender<InHand>) {
         let (ctx, broken, ready) = (self.ctx.clone(), self.broken.clone(), ready.clone());
-        let (cfg, defaults, cancels) = (sh.cfg.clone(), sh.defaults, sh.cancellations.clone());
+        let (cfg, served, cancels) = (sh.cfg.clone(), sh.served.clone(), sh.cancellations.clone());
         let (store, fetcher) = (sh.store.clone(), sh.fetcher.clone());
         self.tracker.spawn(async move {
             // Held from receipt: a delivery settled at intake is counted for as long as it takes.
@@ -177,8 +175,7 @@ impl Work {
             };
             let contract = Contract {
                 limits: &cfg.limits,
-                defaults: &defaults,
-                model: &cfg.model.spec,
+                served: &served,
             };
             let covered = |job: &crate::job::Job| lock(&cancels).covers(job);
             let now = OffsetDateTime::now_utc();
@@ -190,10 +187,11 @@ impl Work {
                         .await
                 }
                 Intake::Settled(job, action) => ctx.completion.act(&job, &meta, action).await,
-                Intake::Render(mut job) => match fetch_adapters(&fetcher, &mut job).await {
+                Intake::Render(mut job, model) => match fetch_adapters(&fetcher, &mut job).await {
                     Ok(adapters) => {
                         let h = InHand {
                             job: *job,
+                            model,
                             meta,
                             delivery: d,
                             held,
@@ -308,7 +306,7 @@ async fn run(
             },
             Some(h) = ready_rx.recv() => {
                 let (job, lane, arrived) = (h.job.clone(), h.meta.route.lane, h.meta.arrived);
-                batcher.push(Pending { job, lane, arrived, extra: h });
+                batcher.push(Pending { job, model: h.model, lane, arrived, extra: h });
             },
             r = render_done => {
                 inflight = None;

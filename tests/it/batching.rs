@@ -110,6 +110,7 @@ fn a_render_is_bit_identical_whatever_the_batch() {
             guidance_scale,
             scheduler,
             long_prompt: Default::default(),
+            prompt_weighting: Default::default(),
             latents: None,
             loras: Vec::new(),
         };

@@ -235,6 +235,7 @@ fn renders_take_long_prompts_in_both_modes() {
             guidance_scale: 5.0,
             scheduler: SchedulerKind::Euler,
             long_prompt: mode,
+            prompt_weighting: Default::default(),
             latents: None,
             loras: Vec::new(),
         };
@@ -279,6 +280,7 @@ fn a_batch_of_mixed_lengths_renders_every_image_as_alone() {
             guidance_scale: 5.0,
             scheduler: SchedulerKind::EulerAncestral,
             long_prompt: LongPrompt::Chunk,
+            prompt_weighting: Default::default(),
             latents: None,
             loras: Vec::new(),
         };

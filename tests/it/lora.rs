@@ -65,6 +65,7 @@ fn case_batch(r: &Reference, case: &serde_json::Value, loras: Vec<AdapterFile>) 
         guidance_scale: case["guidance_scale"].as_f64().unwrap(),
         scheduler: SchedulerKind::parse(case["scheduler"].as_str().unwrap()).unwrap(),
         long_prompt: Default::default(),
+        prompt_weighting: Default::default(),
         latents: Some(r.get(&format!("{name}.latents")).clone()),
         loras,
     }
@@ -173,6 +174,7 @@ fn small_batch(prompts: &[&str], loras: Vec<AdapterFile>) -> RenderBatch {
         guidance_scale: 5.0,
         scheduler: SchedulerKind::Euler,
         long_prompt: Default::default(),
+        prompt_weighting: Default::default(),
         latents: None,
         loras,
     }

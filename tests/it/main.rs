@@ -17,7 +17,10 @@
 //! * `jobs`: every job state over HTTP (`GET`/`DELETE /v1/jobs/{id}`) from the store's records.
 //! * `receivers`: webhook receivers with their own secrets, rotation, 410 → disabled, replay.
 //! * `routing`: two pools of different models on one broker; jobs for a model no pool serves.
+//! * `multi_model`: one worker serving two models within a memory budget (LRU unloading).
 //! * `deploy`: the RabbitMQ definitions in `infra/` against the topology the worker declares.
+//! * `weighting`: the A1111 weighting syntax against A1111's method as held to diffusers' community
+//!   long-prompt-weighting pipeline (`make_weighting_fixtures.py`).
 
 mod api;
 mod batching;
@@ -33,6 +36,7 @@ mod lifecycle;
 mod long_prompt;
 mod lora;
 mod lora_worker;
+mod multi_model;
 mod parity;
 mod parity_sd;
 mod receivers;
@@ -40,4 +44,5 @@ mod routing;
 mod storage;
 mod support;
 mod webhooks;
+mod weighting;
 mod worker;

@@ -334,6 +334,7 @@ pub(crate) fn run_case(
         scheduler: SchedulerKind::parse(case["scheduler"].as_str().unwrap()).unwrap(),
         // The default mode: on prompts of at most 75 tokens it is diffusers' encoding exactly.
         long_prompt: Default::default(),
+        prompt_weighting: Default::default(),
         latents: Some(r.get(&format!("{case_name}.latents")).clone()),
         loras: Vec::new(),
     };
@@ -491,6 +492,7 @@ fn a_batch_renders_each_image_as_it_would_alone() {
         guidance_scale: 5.0,
         scheduler: SchedulerKind::EulerAncestral,
         long_prompt: Default::default(),
+        prompt_weighting: Default::default(),
         latents: None,
         loras: Vec::new(),
     };
@@ -533,6 +535,7 @@ fn a_stop_request_ends_the_run_between_steps() {
         guidance_scale: 5.0,
         scheduler: SchedulerKind::Euler,
         long_prompt: Default::default(),
+        prompt_weighting: Default::default(),
         latents: None,
         loras: Vec::new(),
     };

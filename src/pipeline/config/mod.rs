@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+mod defaults;
 mod unet;
+pub use defaults::ModelInfo;
+pub(crate) use defaults::{model_defaults, scheduler_config};
 pub use unet::{
     BlockKind, DownBlockConfig, LayerConfig, MidBlock, TextTimeConfig, UNetConfig, UpBlockConfig,
 };

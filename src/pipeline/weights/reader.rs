@@ -16,7 +16,10 @@ use candle_nn::VarBuilder;
 pub struct ComponentLoad {
     pub component: &'static str,
     pub tensors: usize,
+    /// Read from the files (their dtype).
     pub bytes: u64,
+    /// Held by the loaded tensors (the compute dtype): what the component occupies on its device.
+    pub loaded_bytes: u64,
     /// In positioned reads from the files (page cache or disk).
     #[serde(serialize_with = "secs")]
     pub read: Duration,
@@ -216,6 +219,7 @@ impl SafetensorsFiles {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         stats.tensors += 1;
         stats.bytes += stored.len as u64;
+        stats.loaded_bytes += (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64;
         stats.read += read;
         stats.convert += started.elapsed() - read;
         Ok(tensor)
